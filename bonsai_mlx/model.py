@@ -1,0 +1,111 @@
+"""Pico: SigLIP tower -> 2-layer GELU projector -> Qwen2 (mlx-lm), with image features merged at <image>."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import qwen2
+from mlx_lm.models.base import create_attention_mask
+
+from bonsai_mlx.config import PicoConfig
+from bonsai_mlx.vision import VisionTower
+
+ACT = {"gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
+DEQUANT_ROWS = 8  # above this many rows, dequantize + GEMM beats quantized_matmul on the CPU
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: PicoConfig):
+        super().__init__()
+        n_layers = 1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer)
+        bias = cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size * n_layers, cfg.text.hidden_size, bias=bias)
+        self.act = ACT[cfg.projector_hidden_act]
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Pico(nn.Module):
+    def __init__(self, config: PicoConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(config.text.mlx_lm_args()))
+
+    # -- vision -------------------------------------------------------------------------------
+    def image_features(self, pixel_values: mx.array) -> mx.array:
+        """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden)."""
+        cfg = self.config
+        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+        hs = self.vision_tower.hidden_states(pixel_values, layers)
+        if cfg.vision_feature_select_strategy == "default":
+            hs = [h[:, 1:] for h in hs]
+        feats = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1)
+        return self.multi_modal_projector(feats)
+
+    # -- text ---------------------------------------------------------------------------------
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.language_model.model.embed_tokens
+
+    def embed(self, input_ids: mx.array, image_features: mx.array | None = None) -> mx.array:
+        """Token embeddings with image features placed, in order, at the <image> positions."""
+        h = self.embed_tokens(input_ids)
+        if image_features is None:
+            return h
+        is_img = input_ids == self.config.image_token_index
+        feats = image_features.reshape(-1, image_features.shape[-1]).astype(h.dtype)
+        n_slots = int(is_img.sum().item())
+        if n_slots != feats.shape[0]:
+            raise ValueError(
+                f"the prompt has {n_slots} <image> tokens but the images give {feats.shape[0]} features "
+                f"({self.config.num_image_tokens} per image): expand each <image> with the processor"
+            )
+        idx = mx.maximum(mx.cumsum(is_img.reshape(-1).astype(mx.int32)) - 1, 0)
+        placed = feats[idx].reshape(h.shape)
+        return mx.where(is_img[..., None], placed, h)
+
+    def run_layers(self, h: mx.array, cache: list | None = None, keep: tuple[int, ...] = (),
+                   checkpoint: bool = False) -> tuple[mx.array, dict[int, mx.array]]:
+        """The decoder stack. Returns the final normed state and HF-indexed `hidden_states[k]` for k in keep."""
+        lm = self.language_model.model
+        n = len(lm.layers)
+        keep_set = {k % (n + 1) for k in keep}
+        cache = cache if cache is not None else [None] * n
+        mask = create_attention_mask(h, cache[0])  # "causal" (or None for one token): never bidirectional
+        kept = {0: h} if 0 in keep_set else {}
+        for i, (layer, c) in enumerate(zip(lm.layers, cache), start=1):
+            if checkpoint:
+                h = mx.checkpoint(lambda x, layer=layer: layer(x, mask, None))(h)
+            else:
+                h = layer(h, mask, c)
+            if i in keep_set and i != n:
+                kept[i] = h
+        h = lm.norm(h)
+        if n in keep_set:
+            kept[n] = h
+        return h, {k: kept[k % (n + 1)] for k in keep}
+
+    def lm_head(self, h: mx.array) -> mx.array:
+        lm = self.language_model
+        if not lm.args.tie_word_embeddings:
+            head = lm.lm_head
+            if isinstance(head, nn.QuantizedLinear) and h.size // h.shape[-1] > DEQUANT_ROWS:
+                return h @ dequantized(head).T
+            return head(h)
+        emb = self.embed_tokens
+        if isinstance(emb, nn.QuantizedEmbedding) and h.size // h.shape[-1] > DEQUANT_ROWS:
+            return h @ dequantized(emb).T
+        return emb.as_linear(h)
+
+    def __call__(self, input_ids: mx.array, pixel_values: mx.array | None = None, cache: list | None = None) -> mx.array:
+        feats = self.image_features(pixel_values) if pixel_values is not None else None
+        h, _ = self.run_layers(self.embed(input_ids, feats), cache)
+        return self.lm_head(h)
+
+
+def dequantized(m: nn.Module) -> mx.array:
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)

@@ -1,0 +1,99 @@
+"""Prompts and pixels from the checkpoint's own tokenizer, chat template and image processor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bonsai_mlx.config import PicoConfig
+from bonsai_mlx.images import load_image
+
+IMAGE = "<image>"
+Message = dict[str, Any]
+
+
+def _text_of(content: str | list) -> str:
+    """LLaVA-style string content, from either a string or HF's list of typed parts."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") == "image":
+            parts.append(IMAGE + "\n")
+        elif part.get("type") == "text":
+            parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+class Processor:
+    """Tokenizer + image processor + chat template of one model directory."""
+
+    def __init__(self, model_dir: str | Path, config: PicoConfig):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.dir = Path(model_dir)
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+        try:
+            self.image_processor = AutoImageProcessor.from_pretrained(str(self.dir), backend="pil")
+        except TypeError:  # transformers 4.x
+            self.image_processor = AutoImageProcessor.from_pretrained(str(self.dir), use_fast=False)
+        self.image_token_id = config.image_token_index
+        tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
+        if tok_id != self.image_token_id:
+            raise ValueError(f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, config.json says image_token_index={self.image_token_id}")
+        self.chat_template = self.tokenizer.chat_template or self._processor_template()
+        if not self.chat_template:
+            raise ValueError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")
+        self.stop_ids = self._stop_ids()
+
+    def _processor_template(self) -> str | None:
+        if (self.dir / "chat_template.jinja").is_file():
+            return (self.dir / "chat_template.jinja").read_text()
+        if (self.dir / "chat_template.json").is_file():
+            return json.loads((self.dir / "chat_template.json").read_text()).get("chat_template")
+        return None
+
+    def _stop_ids(self) -> set[int]:
+        ids = set()
+        for tok in ("<|im_end|>", "<|endoftext|>", self.tokenizer.eos_token):
+            i = self.tokenizer.convert_tokens_to_ids(tok) if tok else None
+            if isinstance(i, int) and i != self.tokenizer.unk_token_id:
+                ids.add(i)
+        gen = self.dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([eos] if isinstance(eos, int) else eos or [])
+        return ids
+
+    # -- text ---------------------------------------------------------------------------------
+    def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """Chat-template text with each <image> expanded to the model's image-token count."""
+        msgs = [{"role": m["role"], "content": _text_of(m["content"])} for m in messages]
+        text = self.tokenizer.apply_chat_template(
+            msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return text.replace(IMAGE, IMAGE * self.config.num_image_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode_text(self.render(messages, add_generation_prompt))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- images -------------------------------------------------------------------------------
+    def pixel_values(self, images: list) -> np.ndarray:
+        """(N, 3, H, W) float32 from paths, bytes or PIL images."""
+        pil = [load_image(im) for im in images]
+        out = self.image_processor(pil, return_tensors="np")["pixel_values"]
+        return np.asarray(out, dtype=np.float32)
+
+
+def count_images(messages: list[Message]) -> int:
+    return sum(_text_of(m["content"]).count(IMAGE) for m in messages)
