@@ -120,8 +120,13 @@ class PicoConfig:
         rp = td.get("rope_parameters") or {"rope_type": "default"}
         rp["rope_theta"] = self.text.rope_theta
         td["rope_parameters"] = rp
-        for name in ("image_token_index", "vision_feature_layer", "vision_feature_select_strategy",
-                     "projector_hidden_act", "multimodal_projector_bias"):
+        for name in (
+            "image_token_index",
+            "vision_feature_layer",
+            "vision_feature_select_strategy",
+            "projector_hidden_act",
+            "multimodal_projector_bias",
+        ):
             d[name] = getattr(self, name)
         d["tie_word_embeddings"] = self.text.tie_word_embeddings
         d["image_seq_length"] = self.num_image_tokens
@@ -146,4 +151,3 @@ class PicoConfig:
         from bonsai_mlx.io import atomic_write_text
 
         atomic_write_text(Path(model_dir) / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")
-

@@ -33,15 +33,15 @@ def resolve(path_or_id: str | Path) -> Path:
 def canonical_key(k: str) -> str:
     """Map transformers 4.x/5.x and bare spellings to the llava-hf one used everywhere here."""
     if k.startswith("model.language_model."):
-        k = "language_model.model." + k[len("model.language_model."):]
+        k = "language_model.model." + k[len("model.language_model.") :]
     elif k.startswith("lm_head."):
         k = "language_model." + k
     elif k.startswith("model.vision_tower."):
-        k = k[len("model."):]
+        k = k[len("model.") :]
     elif k.startswith("model.multi_modal_projector."):
-        k = k[len("model."):]
+        k = k[len("model.") :]
     if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-        k = "vision_tower.vision_model." + k[len("vision_tower."):]
+        k = "vision_tower.vision_model." + k[len("vision_tower.") :]
     return k
 
 
@@ -105,7 +105,9 @@ def check_weights(model: Pico, weights: dict[str, mx.array], where: Path) -> Non
         raise ValueError(f"{where}: weights have {len(extra)} tensors the config does not describe, e.g. {extra[0]}")
     for k, v in expected.items():
         if weights[k].shape != v.shape:
-            raise ValueError(f"{where}: tensor {k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}")
+            raise ValueError(
+                f"{where}: tensor {k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}"
+            )
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -120,7 +122,9 @@ def hf_state(model: Pico, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
     return to_hf(w)
 
 
-def save(model: Pico, out: str | Path, dtype: mx.Dtype | None = None, extra_files_from: str | Path | None = None) -> None:
+def save(
+    model: Pico, out: str | Path, dtype: mx.Dtype | None = None, extra_files_from: str | Path | None = None
+) -> None:
     """Write an HF Llava directory: config.json + safetensors (+ tokenizer/processor files copied)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +135,18 @@ def save(model: Pico, out: str | Path, dtype: mx.Dtype | None = None, extra_file
 
 
 PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "processor_config.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
 )
 
 
@@ -146,4 +159,3 @@ def copy_processor_files(src: str | Path, dst: str | Path) -> None:
     for name in PROCESSOR_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-

@@ -39,7 +39,9 @@ class Pico(nn.Module):
     def image_features(self, pixel_values: mx.array) -> mx.array:
         """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden)."""
         cfg = self.config
-        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+        layers = (
+            [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+        )
         hs = self.vision_tower.hidden_states(pixel_values, layers)
         if cfg.vision_feature_select_strategy == "default":
             hs = [h[:, 1:] for h in hs]
@@ -68,8 +70,9 @@ class Pico(nn.Module):
         placed = feats[idx].reshape(h.shape)
         return mx.where(is_img[..., None], placed, h)
 
-    def run_layers(self, h: mx.array, cache: list | None = None, keep: tuple[int, ...] = (),
-                   checkpoint: bool = False) -> tuple[mx.array, dict[int, mx.array]]:
+    def run_layers(
+        self, h: mx.array, cache: list | None = None, keep: tuple[int, ...] = (), checkpoint: bool = False
+    ) -> tuple[mx.array, dict[int, mx.array]]:
         """The decoder stack. Returns the final normed state and HF-indexed `hidden_states[k]` for k in keep."""
         lm = self.language_model.model
         n = len(lm.layers)
@@ -77,7 +80,7 @@ class Pico(nn.Module):
         cache = cache if cache is not None else [None] * n
         mask = create_attention_mask(h, cache[0])  # "causal" (or None for one token): never bidirectional
         kept = {0: h} if 0 in keep_set else {}
-        for i, (layer, c) in enumerate(zip(lm.layers, cache), start=1):
+        for i, (layer, c) in enumerate(zip(lm.layers, cache, strict=True), start=1):
             if checkpoint:
                 h = mx.checkpoint(lambda x, layer=layer: layer(x, mask, None))(h)
             else:
@@ -101,7 +104,9 @@ class Pico(nn.Module):
             return h @ dequantized(emb).T
         return emb.as_linear(h)
 
-    def __call__(self, input_ids: mx.array, pixel_values: mx.array | None = None, cache: list | None = None) -> mx.array:
+    def __call__(
+        self, input_ids: mx.array, pixel_values: mx.array | None = None, cache: list | None = None
+    ) -> mx.array:
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         h, _ = self.run_layers(self.embed(input_ids, feats), cache)
         return self.lm_head(h)

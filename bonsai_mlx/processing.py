@@ -44,7 +44,9 @@ class Processor:
         self.image_token_id = config.image_token_index
         tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
         if tok_id != self.image_token_id:
-            raise ValueError(f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, config.json says image_token_index={self.image_token_id}")
+            raise ValueError(
+                f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, config.json says image_token_index={self.image_token_id}"
+            )
         self.chat_template = self.tokenizer.chat_template or self._processor_template()
         if not self.chat_template:
             raise ValueError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from bonsai_mlx.model import DEQUANT_ROWS, dequantized
 
-_LM = re.compile(r"^language_model\.(model\.embed_tokens|model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head)\.weight$")
+_LM = re.compile(
+    r"^language_model\.(model\.embed_tokens|model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head)\.weight$"
+)
 _VISION = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)\.weight$")
 
 
@@ -19,13 +21,16 @@ def quantizable(key: str, vision: bool = False) -> bool:
     return bool(_LM.match(key) or (vision and _VISION.match(key)))
 
 
-def quantize_weights(weights: dict[str, mx.array], bits: int = 4, group_size: int = 64,
-                     vision: bool = False) -> tuple[dict[str, mx.array], int]:
+def quantize_weights(
+    weights: dict[str, mx.array], bits: int = 4, group_size: int = 64, vision: bool = False
+) -> tuple[dict[str, mx.array], int]:
     """Quantize the eligible tensors of an HF-layout dict. Returns (weights, number quantized)."""
     out, n = {}, 0
     for k, v in weights.items():
         if quantizable(k, vision) and v.ndim == 2 and v.shape[-1] % group_size == 0:
-            q, s, b = mx.quantize(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v, group_size=group_size, bits=bits)
+            q, s, b = mx.quantize(
+                v.astype(mx.float32) if v.dtype == mx.bfloat16 else v, group_size=group_size, bits=bits
+            )
             base = k[: -len(".weight")]
             out[k], out[f"{base}.scales"], out[f"{base}.biases"] = q, s.astype(v.dtype), b.astype(v.dtype)
             n += 1

@@ -4,9 +4,9 @@ a SigLIP image-processor config and randomly initialised weights, all in the HF 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
 
 import mlx.core as mx
 
@@ -24,8 +24,8 @@ CHATML = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], out: str | Path, vocab_size: int = 512) -> None:
-    """Byte-level BPE (lossless on any text) with Qwen's special tokens and <image>."""
+def train_tokenizer(corpus: Iterable[str], out: str | Path, vocab_size: int = 512, image_token: bool = True) -> None:
+    """Byte-level BPE (lossless on any text) with Qwen's special tokens (and <image>)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,13 +34,17 @@ def train_tokenizer(corpus: Iterable[str], out: str | Path, vocab_size: int = 51
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS if image_token else SPECIALS[:3],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<image>"],
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<image>"] if image_token else ["<|im_start|>"],
     )
     fast.chat_template = CHATML
     fast.save_pretrained(str(out))
@@ -48,9 +52,16 @@ def train_tokenizer(corpus: Iterable[str], out: str | Path, vocab_size: int = 51
 
 def write_image_processor(out: str | Path, image_size: int) -> None:
     cfg = {
-        "image_processor_type": "SiglipImageProcessor", "do_resize": True, "size": {"height": image_size, "width": image_size},
-        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+        "image_processor_type": "SiglipImageProcessor",
+        "do_resize": True,
+        "size": {"height": image_size, "width": image_size},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
     }
     atomic_write_text(Path(out) / "preprocessor_config.json", json.dumps(cfg, indent=2) + "\n")
 
@@ -67,7 +78,12 @@ def init_weights(model, seed: int = 0, std: float = 0.02) -> None:
     mx.random.seed(seed)
     new = []
     for k, v in tree_flatten(model.parameters()):
-        if k.endswith("norm.weight") or k.endswith("layernorm.weight") or k.endswith("layer_norm1.weight") or k.endswith("layer_norm2.weight"):
+        if (
+            k.endswith("norm.weight")
+            or k.endswith("layernorm.weight")
+            or k.endswith("layer_norm1.weight")
+            or k.endswith("layer_norm2.weight")
+        ):
             new.append((k, mx.ones(v.shape)))
         elif v.ndim == 1:
             new.append((k, mx.zeros(v.shape)))
@@ -77,8 +93,15 @@ def init_weights(model, seed: int = 0, std: float = 0.02) -> None:
     mx.eval(model.parameters())
 
 
-def make_pico(out: str | Path, corpus: Iterable[str], vision: VisionConfig, text: TextConfig,
-              vocab_size: int = 512, seed: int = 0, **kw):
+def make_pico(
+    out: str | Path,
+    corpus: Iterable[str],
+    vision: VisionConfig,
+    text: TextConfig,
+    vocab_size: int = 512,
+    seed: int = 0,
+    **kw,
+):
     """A complete, randomly initialised Pico directory. Returns (model, config)."""
     from transformers import AutoTokenizer
 

@@ -15,7 +15,12 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
-ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh, "gelu": nn.gelu, "gelu_new": gelu_tanh, "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x)}
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu": nn.gelu,
+    "gelu_new": gelu_tanh,
+    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
+}
 
 
 class Attention(nn.Module):
@@ -30,7 +35,9 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         B, L, D = x.shape
-        q, k, v = (p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 

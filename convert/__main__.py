@@ -1,0 +1,68 @@
+"""python -m convert to-mlx | to-hf | init | fuse"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bonsai_mlx.errors import friendly
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m convert", description="Move Pico weights between PyTorch/Hugging Face and MLX."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("to-mlx", help="HF/PyTorch Llava checkpoint -> MLX directory (float, 8-bit or 4-bit)")
+    p.add_argument("src", help="model directory or hub id")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--quantize", type=int, choices=[4, 8], help="quantize the LM's linears and embedding")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--quantize-vision", action="store_true", help="also quantize the SigLIP linears")
+
+    p = sub.add_parser("to-hf", help="MLX directory (even quantized) -> float HF Llava checkpoint")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
+
+    p = sub.add_parser("init", help="assemble a fresh Pico from a SigLIP and a Qwen2 checkpoint")
+    p.add_argument("--vision", required=True, help="SigLIP directory or hub id, e.g. google/siglip-base-patch16-224")
+    p.add_argument("--text", required=True, help="Qwen2 directory or hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
+
+    p = sub.add_parser("fuse", help="merge a trained adapter (+ projector) into its base: a full checkpoint")
+    p.add_argument("base")
+    p.add_argument("adapter", help="training output or checkpoint directory")
+    p.add_argument("out")
+    p.add_argument("--quantize", type=int, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtype")
+
+    a = ap.parse_args(argv)
+    with friendly("convert"):
+        if a.cmd == "to-mlx":
+            from convert.hf_mlx import to_mlx
+
+            note = to_mlx(a.src, a.out, a.dtype, a.quantize, a.group_size, a.quantize_vision)
+        elif a.cmd == "to-hf":
+            from convert.hf_mlx import to_hf
+
+            note = to_hf(a.src, a.out, a.dtype)
+        elif a.cmd == "init":
+            from convert.assemble import assemble
+
+            note = assemble(a.vision, a.text, a.out, a.seed, a.dtype)
+        else:
+            from convert.fuse import fuse
+
+            note = fuse(a.base, a.adapter, a.out, a.quantize, a.group_size, a.dtype)
+        print(f"wrote {a.out} ({note})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

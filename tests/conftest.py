@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import bonsai_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
+
+
+@pytest.fixture(scope="session")
+def pico_dir(tmp_path_factory) -> Path:
+    """The default tiny float32 Pico checkpoint (tied embeddings, last-layer features)."""
+    from helpers import make_hf_pico
+
+    return make_hf_pico(tmp_path_factory.mktemp("pico"))
