@@ -48,6 +48,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_stop: bool = False  # benchmarks force a fixed number of tokens
 
 
 def _stable_text(text: str) -> str:
@@ -150,7 +151,7 @@ class ChatSession:
         reason = "length"
         while len(out) < sampling.max_tokens:
             tok = int(y.item())
-            if tok in proc.stop_ids:
+            if tok in proc.stop_ids and not sampling.ignore_stop:
                 reason = "stop"
                 break
             out.append(tok)

@@ -1,0 +1,212 @@
+"""Speed and memory of Pico variants, side by side with reference engines on the same weights.
+
+Each engine runs in its own subprocess so peak memory is its own. TTFT covers image preprocessing,
+the vision tower and prefill; decode tok/s is measured over a fixed number of forced tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = ("Describe this picture in detail: which objects do you see, what colours and shapes do they have, "
+          "and where are they placed relative to each other?")
+CACHE = Path(os.environ.get("BONSAI_CACHE", Path.home() / ".cache" / "bonsai_mlx"))
+
+
+def peak_rss_gb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1e9 if sys.platform == "darwin" else r * 1024 / 1e9
+
+
+def bench_image():
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:224, 0:224]
+    a = np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)
+    a[60:120, 40:100] = (220, 30, 30)
+    return Image.fromarray(a)
+
+
+def random_pico(out: Path = CACHE / "random-pico") -> Path:
+    """Full-size Pico shapes (SigLIP-B/16-224 + Qwen2.5-0.5B), real Qwen2.5 vocabulary, random bf16 weights."""
+    if (out / "config.json").is_file():
+        return out
+    import mlx.core as mx
+
+    from bonsai_mlx import loading
+    from bonsai_mlx.config import TextConfig, VisionConfig
+    from bonsai_mlx.model import Pico
+    from bonsai_mlx.qwen_vocab import build_qwen25_tokenizer
+    from bonsai_mlx.tiny import init_weights, pico_config, write_image_processor
+
+    print(f"building a random full-size Pico in {out} ...", file=sys.stderr)
+    tmp = out.with_name(out.name + ".partial")
+    tok = build_qwen25_tokenizer(tmp)
+    write_image_processor(tmp, 224)
+    config = pico_config(VisionConfig(), TextConfig(), tok.convert_tokens_to_ids("<image>"))
+    model = Pico(config)
+    init_weights(model, seed=0)
+    loading.save(model, tmp, dtype=mx.bfloat16)
+    tmp.rename(out)
+    return out
+
+
+def variant_dir(base: Path, variant: str) -> Path:
+    if variant == "float":
+        return base
+    bits = {"8bit": 8, "4bit": 4}[variant]
+    d = base.with_name(f"{base.name}-{variant}")
+    if not (d / "config.json").is_file():
+        from convert.hf_mlx import to_mlx
+
+        to_mlx(base, d, dtype="float16", bits=bits)
+    return d
+
+
+# -- workers (one per subprocess) -------------------------------------------------------------
+def work_mlx(model_dir: str, tokens: int) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx.generate import Sampling, generate, load
+
+    model, proc = load(model_dir)
+    img = bench_image()
+    list(generate(model, proc, "Hi", img, Sampling(max_tokens=2, ignore_stop=True)))  # warm-up
+    stats = [c.stats for c in generate(model, proc, PROMPT, img, Sampling(max_tokens=tokens, ignore_stop=True))][-1]
+    lm_bytes = sum(v.nbytes for k, v in tree_flatten(model.language_model.parameters()))
+    return {"ttft_s": stats.ttft_s, "decode_tps": stats.decode_tps, "prompt_tokens": stats.prompt_tokens,
+            "peak_gb": peak_rss_gb(), "mlx_peak_gb": mx.get_peak_memory() / 1e9, "lm_bytes": lm_bytes}
+
+
+def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from bonsai_mlx.config import PicoConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = PicoConfig.load(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ip = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False,
+                                   add_generation_prompt=True).replace("<image>", "<image>" * cfg.num_image_tokens)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+
+    def run(n):
+        t = time.perf_counter()
+        pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(model.dtype)
+        with torch.no_grad():
+            model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - t
+
+    run(2)
+    ttft = run(1)
+    total = run(tokens)
+    lm_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    lm_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size() * (not cfg.text.tie_word_embeddings)
+    return {"ttft_s": ttft, "decode_tps": (tokens - 1) / (total - ttft), "prompt_tokens": ids.shape[1],
+            "peak_gb": peak_rss_gb(), "lm_bytes": lm_bytes}
+
+
+def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
+    from mlx_vlm import generate as vgen
+    from mlx_vlm import load as vload
+
+    model, processor = vload(model_dir)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False,
+                                           add_generation_prompt=True)
+    img = bench_image()
+    out = vgen(model, processor, prompt, image=[img], max_tokens=tokens, temperature=0.0)
+    return {"ttft_s": out.prompt_tokens / out.prompt_tps, "decode_tps": out.generation_tps,
+            "prompt_tokens": out.prompt_tokens, "peak_gb": peak_rss_gb(), "lm_bytes": 0}
+
+
+def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
+    cmd = [sys.executable, "-m", "bonsai_mlx.bench", "--worker", kind, "--model", str(model_dir),
+           "--tokens", str(tokens), "--worker-arg", extra]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
+    ref = dict(rows).get("transformers fp32", {})
+    head = ("| engine / variant | TTFT s | decode tok/s | peak RSS GB | decode % of bandwidth bound "
+            "| TTFT vs transformers fp32 | decode vs transformers fp32 |")
+    lines = [head, "|" + "---|" * 7]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} |||||| ")
+            continue
+        bound = bandwidth_gbs * 1e9 / r["lm_bytes"] if r.get("lm_bytes") else None
+        share = f"{100 * r['decode_tps'] / bound:.0f}% of {bound:.0f}" if bound else "-"
+        tt = f"{ref['ttft_s'] / r['ttft_s']:.2f}x faster" if ref.get("ttft_s") else "-"
+        dd = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref.get("decode_tps") else "-"
+        lines.append(f"| {name} | {r['ttft_s']:.2f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} | {share} | {tt} | {dd} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bonsai_mlx.bench", description=__doc__)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Pico directory (benchmarked as is)")
+    src.add_argument("--random", choices=["pico"], help="build the full-size Pico with random weights (cached)")
+    ap.add_argument("--variants", default="float,8bit,4bit", help="with --random: float,8bit,4bit")
+    ap.add_argument("--compare", action="append", default=[], choices=["transformers", "mlx-vlm"],
+                    help="also run this engine on the same float weights, in the same run")
+    ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
+    ap.add_argument("--bandwidth-gbs", type=float, default=32.0, help="memory read bandwidth for the bound column")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        import bonsai_mlx  # noqa: F401
+
+        fn = {"mlx": lambda: work_mlx(a.model, a.tokens),
+              "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
+              "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens)}[a.worker]
+        print(json.dumps(fn()))
+        return 0
+
+    from bonsai_mlx.errors import friendly
+
+    with friendly("bench"):
+        base = random_pico() if a.random else Path(a.model)
+        rows = []
+        variants = a.variants.split(",") if a.random else ["float"]
+        for v in variants:
+            print(f"bonsai_mlx {v} ...", file=sys.stderr)
+            rows.append((f"bonsai_mlx {v}", spawn("mlx", variant_dir(base, v), a.tokens)))
+        if "transformers" in a.compare:
+            for dt in ("float32", "bfloat16"):
+                print(f"transformers {dt} ...", file=sys.stderr)
+                rows.append((f"transformers {'fp32' if dt == 'float32' else 'bf16'}", spawn("transformers", base, a.tokens, dt)))
+        if "mlx-vlm" in a.compare:
+            try:
+                import mlx_vlm  # noqa: F401
+            except ImportError:
+                print("mlx-vlm is not installed: skipping it (pip install mlx-vlm)", file=sys.stderr)
+            else:
+                for v in variants:
+                    rows.append((f"mlx-vlm {v}", spawn("mlx-vlm", variant_dir(base, v), a.tokens)))
+        print(f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
+              f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n")
+        print(table(rows, a.bandwidth_gbs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
