@@ -82,7 +82,7 @@ class Pico(nn.Module):
         kept = {0: h} if 0 in keep_set else {}
         for i, (layer, c) in enumerate(zip(lm.layers, cache, strict=True), start=1):
             if checkpoint:
-                h = mx.checkpoint(lambda x, layer=layer: layer(x, mask, None))(h)
+                h = nn.utils.checkpoint(layer, lambda x, layer=layer: layer(x, mask, None))(h)
             else:
                 h = layer(h, mask, c)
             if i in keep_set and i != n:

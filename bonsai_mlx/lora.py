@@ -1,0 +1,111 @@
+"""LoRA on the LM (mlx-lm's LoRALinear), saved and loaded in the PEFT layout so peft reads it too."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from bonsai_mlx.io import atomic_save_safetensors, atomic_write_text
+from bonsai_mlx.loading import canonical_key
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lm_target_regex(targets: tuple[str, ...] | list[str]) -> str:
+    """PEFT target regex: the LM's projections only (SigLIP's attention shares the q/k/v names)."""
+    return r".*language_model.*\.(" + "|".join(targets) + r")$"
+
+
+def apply_lora(model: nn.Module, targets=TARGETS, rank: int = 16, alpha: float = 32, dropout: float = 0.0) -> int:
+    """Wrap the LM's target linears (float or quantized) in LoRA. Returns how many were wrapped."""
+    n = 0
+    for layer in model.language_model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                if name in parent:
+                    parent[name] = LoRALinear.from_base(parent[name], r=rank, dropout=dropout, scale=alpha / rank)
+                    n += 1
+    if n == 0:
+        raise ValueError(f"--lora-targets {','.join(targets)} matched no LM layer (choose from {','.join(TARGETS)})")
+    return n
+
+
+def _peft_key(path: str) -> str:
+    """`language_model.model.layers.0.self_attn.q_proj` -> PEFT's key for the transformers model."""
+    return "base_model.model." + path.replace("language_model.model.", "model.language_model.", 1)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[_peft_key(path) + ".lora_A.weight"] = m.lora_a.T
+            out[_peft_key(path) + ".lora_B.weight"] = m.lora_b.T
+    return out
+
+
+def save_adapter(model: nn.Module, out: str | Path, rank: int, alpha: float, dropout: float, targets, base: str = "") -> None:
+    out = Path(out)
+    atomic_save_safetensors(out / ADAPTER_WEIGHTS, adapter_tensors(model))
+    cfg = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
+           "target_modules": lm_target_regex(list(targets)), "bias": "none", "fan_in_fan_out": False,
+           "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+           "init_lora_weights": True}
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2) + "\n")
+
+
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, tuple[mx.array, mx.array]]]:
+    """(adapter_config, {module path: (lora_a, lora_b)} in mlx-lm orientation)."""
+    d = Path(path)
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{d / ADAPTER_CONFIG}: not found (expected a PEFT LoRA adapter)")
+    cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, only LORA is supported")
+    raw = mx.load(str(d / ADAPTER_WEIGHTS))
+    pairs: dict[str, dict[str, mx.array]] = {}
+    for k, v in raw.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.default)?\.weight$", k)
+        if not m:
+            continue
+        pairs.setdefault(canonical_key(m.group(1)), {})[m.group(2)] = v
+    return cfg, {p: (ab["A"].T, ab["B"].T) for p, ab in pairs.items()}
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> int:
+    """Attach a saved PEFT adapter to `model` (creating the LoRA layers). Returns the count."""
+    cfg, pairs = read_adapter(path)
+    rank, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    modules = dict(model.named_modules())
+    for p, (a, b) in pairs.items():
+        parent_path, name = p.rsplit(".", 1)
+        parent = modules.get(parent_path)
+        if parent is None or name not in parent:
+            raise ValueError(f"{path}: adapter targets {p}, which this model does not have")
+        lora = parent[name] if isinstance(parent[name], LoRALinear) else LoRALinear.from_base(parent[name], r=rank, scale=alpha / rank)
+        lora.lora_a, lora.lora_b = a.astype(mx.float32), b.astype(mx.float32)
+        parent[name] = lora
+    return len(pairs)
+
+
+def fuse_lora(model: nn.Module) -> int:
+    """Merge every LoRA layer back into a plain (float) linear."""
+    n = 0
+    for _, m in model.named_modules():
+        for name, child in list(m.children().items()):
+            if isinstance(child, LoRALinear):
+                m[name] = child.fuse(dequantize=True)
+                n += 1
+    return n
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

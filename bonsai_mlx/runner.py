@@ -1,0 +1,135 @@
+"""Wires a training run together: model, data, trainer, final outputs (and the embedded default)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from bonsai_mlx import loading, lora
+from bonsai_mlx.data import Dataset, read_records
+from bonsai_mlx.io import atomic_write_text
+from bonsai_mlx.processing import Processor
+from bonsai_mlx.trainer import Trainer, TrainConfig, seed_everything, setup_trainable
+
+
+def make_default_model(out: Path, image_size: int, seed: int) -> Path:
+    """The embedded default's tiny Pico: small SigLIP + small Qwen2 + a tokenizer trained on the task."""
+    from bonsai_mlx import synthetic, tiny
+    from bonsai_mlx.config import TextConfig, VisionConfig
+
+    if (out / "config.json").is_file():
+        return out
+    vision = VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=image_size, patch_size=8, vision_use_head=False)
+    text = TextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
+    tiny.make_pico(out, synthetic.corpus(), vision, text, vocab_size=400, seed=seed)
+    return out
+
+
+def quantize_base(model, bits: int, group_size: int = 64) -> None:
+    """QLoRA: freeze the LM's linears in `bits` (those whose width the group size divides)."""
+    from bonsai_mlx.quantize import HybridQuantizedLinear, quantizable
+
+    def pred(path, m):
+        return isinstance(m, (nn.Linear, nn.Embedding)) and quantizable(path + ".weight") and m.weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
+    if mx.default_device() == mx.cpu:
+        for _, m in model.named_modules():
+            if type(m) is nn.QuantizedLinear:
+                m.__class__ = HybridQuantizedLinear
+
+
+def default_dtype(cfg: TrainConfig):
+    if cfg.dtype:
+        return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[cfg.dtype]
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> list[str]:
+    from bonsai_mlx.train import DEFAULT_DATA
+
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    embedded = cfg.model is None and cfg.data is None
+    if embedded:
+        from bonsai_mlx import synthetic
+
+        data_dir = out / "data"
+        if not (data_dir / "train.json").is_file():
+            n_train = 600 if quick else DEFAULT_DATA["n_train"]
+            print(f"drawing the synthetic shapes task ({n_train} train / {DEFAULT_DATA['n_eval']} held-out) in {data_dir}")
+            synthetic.export(data_dir, n_train, DEFAULT_DATA["n_eval"], seed=cfg.seed, size=DEFAULT_DATA["image_size"])
+        cfg.model = str(make_default_model(out / "init", DEFAULT_DATA["image_size"], cfg.seed))
+        cfg.data, cfg.eval_data, cfg.image_root = str(data_dir / "train.json"), str(data_dir / "eval.json"), str(data_dir / "images")
+    if not cfg.model or not cfg.data:
+        raise ValueError("--model and --data go together (or give neither for the embedded default)")
+
+    model_dir = loading.resolve(cfg.model)
+    model, pcfg = loading.load(model_dir, dtype=default_dtype(cfg))
+    proc = Processor(model_dir, pcfg)
+    if cfg.quantize_base:
+        quantize_base(model, cfg.quantize_base)
+    setup_trainable(model, cfg)
+    print(f"trainable parameters: {lora.trainable_count(model):,} ({cfg.stage})")
+
+    train = Dataset.build(read_records(cfg.data), proc, cfg.image_root, cfg.max_length, cfg.on_bad_sample)
+    print(f"train data: {train.summary()}")
+    evaluate = None
+    if cfg.eval_data:
+        evaluate = Dataset.build(read_records(cfg.eval_data), proc, cfg.image_root, cfg.max_length, "skip")
+
+    extra = extra_loss = None
+    if cfg.stage == "distill":
+        from bonsai_mlx.distill import setup_distill
+
+        extra, extra_loss = setup_distill(cfg, model, proc, train)
+    on_eval = (lambda tr: accuracy(tr.model, proc, cfg.eval_data, cfg.image_root, limit=100)) if embedded else None
+    trainer = Trainer(cfg, model, proc, train, evaluate, extra_loss, extra, on_eval)
+    if resume:
+        trainer.load_checkpoint(resume)
+        print(f"resumed at step {trainer.step} of {trainer.total_steps}")
+    atomic_write_text(out / "training_config.json", json.dumps(asdict(cfg), indent=2))
+    last = trainer.run()
+    lines = [f"final train loss {last.get('loss', float('nan')):.4f} at step {trainer.step}; "
+             f"{last.get('tokens_per_s', 0):.0f} tok/s; peak {last.get('peak_gb', 0):.2f} GB"]
+    if trainer.skipped:
+        first = "; ".join(f"{k}: {v}" for k, v in list(trainer.skipped.items())[:5])
+        lines.append(f"skipped {len(trainer.skipped)} bad samples ({first})")
+    if trainer.rank != 0:
+        return lines
+    final = out / "checkpoints" / "final"
+    if cfg.stage == "full" or cfg.train_vision:
+        loading.save(model, out / "model", extra_files_from=model_dir)
+        lines.append(f"model: {out / 'model'}")
+    else:
+        lines.append(f"adapter + projector: {final}  (merge: python -m convert fuse {cfg.model} {final} OUT)")
+    if embedded:
+        acc = accuracy(model, proc, cfg.eval_data, cfg.image_root)
+        lines.append("held-out exact match: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+        atomic_write_text(out / "heldout_accuracy.json", json.dumps(acc, indent=2))
+        img = sorted((Path(cfg.image_root)).glob("*.png"))[-1]
+        lines += ["chat with it:",
+                  f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} --prompt 'What colour is the circle?'",
+                  f"  python -m app --model {out / 'model'}"]
+    return lines
+
+
+def accuracy(model, proc, data: str, image_root: str | None, limit: int | None = None) -> dict[str, float]:
+    """Greedy exact match per question type (records carry a 'type')."""
+    from bonsai_mlx.evaluate import predict_records
+
+    recs = read_records(data)[:limit]
+    preds = predict_records(model, proc, recs, image_root, max_tokens=8)
+    by: dict[str, list[bool]] = {}
+    for rec, pred in zip(recs, preds, strict=True):
+        gold = rec["conversations"][1]["value"].strip().lower()
+        ok = pred.strip().lower() == gold
+        by.setdefault(rec.get("type", "all"), []).append(ok)
+        by.setdefault("overall", []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}

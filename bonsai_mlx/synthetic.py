@@ -1,0 +1,120 @@
+"""The built-in visual-QA task: shapes drawn with PIL, questions with one-word answers.
+
+Seeded and reproducible. Each image holds 1-3 shapes (distinct kinds and colours) in distinct
+quadrants; questions ask for colour, shape, count, position or yes/no. Doubles as sample data
+for every command (`python -m bonsai_mlx.train --export DIR`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+QTYPES = ("colour", "shape", "count", "position", "yesno")
+
+
+@dataclass
+class Item:
+    kind: str
+    colour: str
+    cell: str
+
+
+def draw(items: list[Item], size: int, rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    half = size // 2
+    for it in items:
+        cx, cy = CELLS[it.cell]
+        r = rng.uniform(0.28, 0.42) * half
+        x = cx * half + half / 2 + rng.uniform(-0.08, 0.08) * half
+        y = cy * half + half / 2 + rng.uniform(-0.08, 0.08) * half
+        box = (x - r, y - r, x + r, y + r)
+        col = COLOURS[it.colour]
+        if it.kind == "circle":
+            d.ellipse(box, fill=col)
+        elif it.kind == "square":
+            d.rectangle(box, fill=col)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=col)
+    return im
+
+
+def question(items: list[Item], qtype: str, rng: random.Random) -> tuple[str, str]:
+    it = rng.choice(items)
+    if qtype == "colour":
+        return f"What colour is the {it.kind}?", it.colour
+    if qtype == "shape":
+        return f"What shape is the {it.colour} object?", it.kind
+    if qtype == "count":
+        return "How many shapes are there?", NUMBERS[len(items)]
+    if qtype == "position":
+        return f"Where is the {it.colour} {it.kind}?", it.cell
+    if rng.random() < 0.5:
+        return f"Is there a {it.colour} {it.kind}?", "yes"
+    present = {(i.colour, i.kind) for i in items}
+    while True:
+        c, k = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if (c, k) not in present:
+            return f"Is there a {c} {k}?", "no"
+
+
+def sample(index: int, seed: int, size: int = 48) -> dict:
+    """Sample `index` of the task with `seed`: {id, image (PIL), question, answer, type}."""
+    rng = random.Random(f"{seed}-{index}")
+    n = rng.randint(1, 3)
+    kinds = rng.sample(SHAPES, n)
+    colours = rng.sample(list(COLOURS), n)
+    cells = rng.sample(list(CELLS), n)
+    items = [Item(k, c, p) for k, c, p in zip(kinds, colours, cells, strict=True)]
+    qtype = QTYPES[index % len(QTYPES)]
+    q, a = question(items, qtype, rng)
+    return {"id": f"shapes-{seed}-{index}", "image": draw(items, size, rng), "question": q, "answer": a, "type": qtype}
+
+
+def split(n_train: int, n_eval: int, seed: int = 0, size: int = 48) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / held-out samples (different index ranges of the same generator)."""
+    train = [sample(i, seed, size) for i in range(n_train)]
+    held = [sample(10_000_000 + i, seed, size) for i in range(n_eval)]
+    return train, held
+
+
+def to_llava(s: dict, image_name: str) -> dict:
+    return {"id": s["id"], "image": image_name, "type": s["type"],
+            "conversations": [{"from": "human", "value": f"<image>\n{s['question']}"},
+                              {"from": "gpt", "value": s["answer"]}]}
+
+
+def corpus() -> list[str]:
+    """Every word the task can say, for training its tokenizer."""
+    words = [*COLOURS, *SHAPES, *CELLS, *NUMBERS.values(), "yes", "no"]
+    qs = [question([Item(k, c, p)], t, random.Random(i)) for i, (k, c, p, t) in
+          enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)]
+    return [f"{q} {a}" for q, a in qs] + words + ["What shape is the object? How many shapes are there? Where is it?"]
+
+
+def export(out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48) -> tuple[Path, Path]:
+    """Write train.json / eval.json (LLaVA format) and images/*.png. Returns the two JSON paths."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    train, held = split(n_train, n_eval, seed, size)
+    paths = []
+    for name, rows in (("train", train), ("eval", held)):
+        recs = []
+        for s in rows:
+            fn = f"{s['id']}.png"
+            s["image"].save(out / "images" / fn)
+            recs.append(to_llava(s, fn))
+        p = out / f"{name}.json"
+        p.write_text(json.dumps(recs, indent=1))
+        paths.append(p)
+    return paths[0], paths[1]

@@ -1,0 +1,328 @@
+"""The MLX training loop: stages, loss at supervised positions only, accumulation, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from bonsai_mlx import lora
+from bonsai_mlx.data import Batch, Dataset, batch_order, collate, prefetch
+from bonsai_mlx.io import atomic_save_safetensors, atomic_write_text
+from bonsai_mlx.loading import hf_state
+from bonsai_mlx.model import Pico
+
+STAGES = ("align", "instruct", "full", "distill")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None
+    data: str | None = None
+    image_root: str | None = None
+    stage: str = "instruct"
+    quantize_base: int | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = ",".join(lora.TARGETS)
+    train_vision: bool = False
+    dtype: str | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: int = 20
+    max_steps: int | None = None
+    epochs: float = 1.0
+    max_length: int = 1024
+    grad_checkpoint: bool = False
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_data: str | None = None
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 10
+    out: str = "runs/pico"
+    seed: int = 0
+    on_bad_sample: str = "skip"
+    # distillation (Phase II)
+    teacher_cache: str | None = None
+    alpha: float = 0.5
+    alpha_end: float | None = None
+    layer_map: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training option {unknown[0]!r}")
+        return cls(**d)
+
+
+def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chunk: int = 1024) -> mx.array:
+    """Summed cross-entropy, computing the LM head only at supervised positions, in chunks."""
+    hs = h.reshape(-1, h.shape[-1])[positions]
+    total = mx.array(0.0)
+    for i in range(0, hs.shape[0], chunk):
+        logits = model.lm_head(hs[i:i + chunk]).astype(mx.float32)
+        t = targets[i:i + chunk]
+        total = total + (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
+    return total
+
+
+def forward_states(model: Pico, batch: dict, train_vision: bool, checkpoint: bool, keep=()) -> tuple[mx.array, dict]:
+    feats = None
+    if batch.get("pixel_values") is not None:
+        pv = batch["pixel_values"]
+        if train_vision:
+            feats = model.image_features(pv)
+        else:
+            cfg = model.config
+            layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+            hs = [mx.stop_gradient(x) for x in model.vision_tower.hidden_states(pv, layers)]
+            if cfg.vision_feature_select_strategy == "default":
+                hs = [x[:, 1:] for x in hs]
+            feats = model.multi_modal_projector(hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1))
+    return model.run_layers(model.embed(batch["input_ids"], feats), checkpoint=checkpoint, keep=keep)
+
+
+def to_mx(b: Batch) -> dict:
+    return {"input_ids": mx.array(b.input_ids), "positions": mx.array(b.positions), "targets": mx.array(b.targets),
+            "pixel_values": mx.array(b.pixel_values) if b.pixel_values is not None else None}
+
+
+def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
+    """Freeze per stage: align = projector; instruct/distill = projector + LoRA; full = everything."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    if cfg.stage == "full":
+        model.unfreeze()
+        return
+    model.freeze()
+    if cfg.stage in ("instruct", "distill"):
+        targets = tuple(t for t in cfg.lora_targets.split(",") if t)
+        lora.apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    model.multi_modal_projector.unfreeze()
+    if cfg.train_vision:
+        model.vision_tower.unfreeze()
+
+
+def schedule(cfg: TrainConfig, total_steps: int) -> Callable:
+    warm = max(1, min(cfg.warmup, total_steps - 1))
+    decay = optim.cosine_decay(cfg.lr, max(1, total_steps - warm), end=cfg.lr * 0.05)
+    return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: Pico, processor, train: Dataset, evaluate: Dataset | None = None,
+                 extra_loss: Callable | None = None, extra_params: nn.Module | None = None, on_eval: Callable | None = None):
+        self.cfg, self.model, self.proc, self.train, self.eval_ds = cfg, model, processor, train, evaluate
+        self.extra_loss, self.extra, self.on_eval = extra_loss, extra_params, on_eval
+        self.group = mx.distributed.init() if os.environ.get("MLX_RANK") is not None else None
+        self.rank = self.group.rank() if self.group else 0
+        self.world = self.group.size() if self.group else 1
+        if not train.examples:
+            raise ValueError("no usable training samples (" + train.summary() + ")")
+        self.lengths = [len(e.ids) for e in train.examples]
+        self.batches_per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0)) // self.world
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(train.examples)} samples cannot fill one batch per rank")
+        micro_total = cfg.max_steps * cfg.grad_accum if cfg.max_steps else math.ceil(self.batches_per_epoch * cfg.epochs)
+        self.total_steps = max(1, micro_total // cfg.grad_accum)
+        self.optimizer = optim.AdamW(learning_rate=schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.out = Path(cfg.out)
+        self.params_holder = nn.Module()
+        self.params_holder.model = model
+        if extra_params is not None:
+            self.params_holder.extra = extra_params
+        self.loss_and_grad = nn.value_and_grad(self.params_holder, self._loss)
+        self.skipped: dict[str, str] = dict(train.bad)
+
+    # -- loss -------------------------------------------------------------------------------------
+    def _loss(self, batch: dict, step_frac: mx.array):
+        keep = tuple(self.extra.student_layers) if self.extra_loss is not None else ()
+        h, kept = forward_states(self.model, batch, self.cfg.train_vision or self.cfg.stage == "full",
+                                 self.cfg.grad_checkpoint, keep)
+        n = batch["targets"].shape[0]
+        ce = ce_at(self.model, h, batch["positions"], batch["targets"]) / max(n, 1)
+        if self.extra_loss is None:
+            return ce, ce
+        return self.extra_loss(ce, kept, batch, step_frac)
+
+    # -- data -------------------------------------------------------------------------------------
+    def micro_batches(self, start_micro: int):
+        cfg = self.cfg
+        micro = start_micro
+        while True:
+            epoch, i = divmod(micro, self.batches_per_epoch)
+            order = batch_order(self.lengths, cfg.batch_size, cfg.seed, epoch)[self.rank::self.world]
+            yield collate([self.train.examples[j] for j in order[i]], self.proc, self.pad_id)
+            micro += 1
+
+    @property
+    def pad_id(self) -> int:
+        t = self.proc.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else 0
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self, batches: list[Batch]) -> tuple[float, int, dict]:
+        grads_sum, loss_sum, tokens, aux = None, 0.0, 0, {}
+        frac = mx.array(self.step / max(1, self.total_steps - 1))
+        for b in batches:
+            self.skipped.update(b.skipped)
+            if not b.ids:
+                continue
+            mx.random.seed(self.cfg.seed * 1_000_003 + self.step)  # dropout depends on the step only: exact resume
+            (loss, ce), grads = self.loss_and_grad(to_mx(b), frac)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            mx.eval(grads_sum, loss)
+            loss_sum += loss.item()
+            aux["ce"] = aux.get("ce", 0.0) + ce.item()
+            tokens += b.n_tokens
+        if grads_sum is None:
+            return float("nan"), 0, aux
+        k = len(batches)
+        grads = tree_map(lambda g: g / k, grads_sum)
+        if self.group is not None:
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / self.world, grads)
+        if self.cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, self.cfg.grad_clip)
+        self.optimizer.update(self.params_holder, grads)
+        mx.eval(self.params_holder.parameters(), self.optimizer.state)
+        self.step += 1
+        return loss_sum / k, tokens, {key: v / k for key, v in aux.items()}
+
+    def eval_loss(self, limit: int = 64) -> float:
+        ds = self.eval_ds
+        if not ds or not ds.examples:
+            return float("nan")
+        tot, n = 0.0, 0
+        ex = ds.examples[:limit]
+        for i in range(0, len(ex), self.cfg.batch_size):
+            b = collate(ex[i:i + self.cfg.batch_size], self.proc, self.pad_id)
+            if not b.ids:
+                continue
+            bm = to_mx(b)
+            h, _ = forward_states(self.model, bm, False, False)
+            tot += ce_at(self.model, h, bm["positions"], bm["targets"]).item()
+            n += len(b.targets)
+        return tot / max(n, 1)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, final: bool = False) -> Path | None:
+        if self.rank != 0:
+            return None
+        cfg = self.cfg
+        name = "final" if final else f"step-{self.step:07d}"
+        ck = self.out / "checkpoints" / name
+        tmp = ck.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = dict(tree_flatten(self.params_holder.trainable_parameters()))
+        atomic_save_safetensors(tmp / "trainable.safetensors", trainable)
+        opt = {k: v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}
+        atomic_save_safetensors(tmp / "optimizer.safetensors", opt)
+        if cfg.stage in ("instruct", "distill"):
+            lora.save_adapter(self.model, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                              cfg.lora_targets.split(","), cfg.model or "")
+        proj = {k: v for k, v in hf_state(self.model).items() if k.startswith("multi_modal_projector.")}
+        atomic_save_safetensors(tmp / "projector.safetensors", proj)
+        state = {"step": self.step, "total_steps": self.total_steps, "config": asdict(cfg),
+                 "skipped": len(self.skipped), "time": time.time()}
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+        if ck.exists():
+            shutil.rmtree(ck)
+        os.replace(tmp, ck)
+        atomic_write_text(self.out / "checkpoints" / "latest", name + "\n")
+        return ck
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        ck = resolve_checkpoint(path)
+        state = json.loads((ck / "state.json").read_text())
+        trainable = mx.load(str(ck / "trainable.safetensors"))
+        self.params_holder.load_weights(list(trainable.items()), strict=False)
+        self.optimizer.init(self.params_holder.trainable_parameters())
+        saved = mx.load(str(ck / "optimizer.safetensors"))
+        flat = dict(tree_flatten(self.optimizer.state))
+        missing = sorted(set(flat) - set(saved))
+        if missing:
+            raise ValueError(f"{ck}: optimizer state lacks {missing[0]}; was it written by a different setup?")
+        self.optimizer.state = tree_unflatten(list(saved.items()))
+        self.step = state["step"]
+        mx.eval(self.params_holder.parameters(), self.optimizer.state)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, log: Callable[[str], None] = print) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        stop = {"now": False}
+        prev = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+        it = prefetch(self.micro_batches(self.step * cfg.grad_accum))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.stage})", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        last = {"loss": float("nan")}
+        t_tok, t0 = 0, time.perf_counter()
+        try:
+            while self.step < self.total_steps and not stop["now"]:
+                batches = [next(it) for _ in range(cfg.grad_accum)]
+                loss, ntok, aux = self.train_step(batches)
+                t_tok += ntok * self.world
+                dt = time.perf_counter() - t0
+                last = {"step": self.step, "loss": loss, "lr": float(self.optimizer.learning_rate),
+                        "tokens_per_s": t_tok / dt, "peak_gb": mx.get_peak_memory() / 1e9, **aux}
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t_tok / dt:.0f}", peak=f"{last['peak_gb']:.2f}GB")
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
+                    ev = {"step": self.step, "eval_loss": self.eval_loss()}
+                    if self.on_eval:
+                        ev.update(self.on_eval(self))
+                    bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(ev) + "\n")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, prev)
+        if stop["now"]:
+            ck = self.save_checkpoint()
+            log(f"interrupted at step {self.step}: saved {ck}; continue with --resume {self.out}")
+            raise KeyboardInterrupt
+        self.save_checkpoint(final=True)
+        return last
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file():
+        return p / "checkpoints" / latest.read_text().strip()
+    raise FileNotFoundError(f"{p}: no checkpoint here (expected state.json or checkpoints/latest)")
+
+
+def seed_everything(seed: int) -> None:
+    mx.random.seed(seed)
+    np.random.seed(seed)
