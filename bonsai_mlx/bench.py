@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-PROMPT = ("Describe this picture in detail: which objects do you see, what colours and shapes do they have, "
-          "and where are they placed relative to each other?")
+PROMPT = (
+    "Describe this picture in detail: which objects do you see, what colours and shapes do they have, "
+    "and where are they placed relative to each other?"
+)
 CACHE = Path(os.environ.get("BONSAI_CACHE", Path.home() / ".cache" / "bonsai_mlx"))
 
 
@@ -83,8 +85,14 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
     list(generate(model, proc, "Hi", img, Sampling(max_tokens=2, ignore_stop=True)))  # warm-up
     stats = [c.stats for c in generate(model, proc, PROMPT, img, Sampling(max_tokens=tokens, ignore_stop=True))][-1]
     lm_bytes = sum(v.nbytes for k, v in tree_flatten(model.language_model.parameters()))
-    return {"ttft_s": stats.ttft_s, "decode_tps": stats.decode_tps, "prompt_tokens": stats.prompt_tokens,
-            "peak_gb": peak_rss_gb(), "mlx_peak_gb": mx.get_peak_memory() / 1e9, "lm_bytes": lm_bytes}
+    return {
+        "ttft_s": stats.ttft_s,
+        "decode_tps": stats.decode_tps,
+        "prompt_tokens": stats.prompt_tokens,
+        "peak_gb": peak_rss_gb(),
+        "mlx_peak_gb": mx.get_peak_memory() / 1e9,
+        "lm_bytes": lm_bytes,
+    }
 
 
 def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
@@ -98,16 +106,18 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     ip = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
-    text = tok.apply_chat_template([{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False,
-                                   add_generation_prompt=True).replace("<image>", "<image>" * cfg.num_image_tokens)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False, add_generation_prompt=True
+    ).replace("<image>", "<image>" * cfg.num_image_tokens)
     ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
 
     def run(n):
         t = time.perf_counter()
         pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(model.dtype)
         with torch.no_grad():
-            model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                input_ids=ids, pixel_values=pv, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
         return time.perf_counter() - t
 
     run(2)
@@ -115,8 +125,13 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
     total = run(tokens)
     lm_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
     lm_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size() * (not cfg.text.tie_word_embeddings)
-    return {"ttft_s": ttft, "decode_tps": (tokens - 1) / (total - ttft), "prompt_tokens": ids.shape[1],
-            "peak_gb": peak_rss_gb(), "lm_bytes": lm_bytes}
+    return {
+        "ttft_s": ttft,
+        "decode_tps": (tokens - 1) / (total - ttft),
+        "prompt_tokens": ids.shape[1],
+        "peak_gb": peak_rss_gb(),
+        "lm_bytes": lm_bytes,
+    }
 
 
 def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
@@ -124,17 +139,34 @@ def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
     from mlx_vlm import load as vload
 
     model, processor = vload(model_dir)
-    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False, add_generation_prompt=True
+    )
     img = bench_image()
     out = vgen(model, processor, prompt, image=[img], max_tokens=tokens, temperature=0.0)
-    return {"ttft_s": out.prompt_tokens / out.prompt_tps, "decode_tps": out.generation_tps,
-            "prompt_tokens": out.prompt_tokens, "peak_gb": peak_rss_gb(), "lm_bytes": 0}
+    return {
+        "ttft_s": out.prompt_tokens / out.prompt_tps,
+        "decode_tps": out.generation_tps,
+        "prompt_tokens": out.prompt_tokens,
+        "peak_gb": peak_rss_gb(),
+        "lm_bytes": 0,
+    }
 
 
 def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
-    cmd = [sys.executable, "-m", "bonsai_mlx.bench", "--worker", kind, "--model", str(model_dir),
-           "--tokens", str(tokens), "--worker-arg", extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bonsai_mlx.bench",
+        "--worker",
+        kind,
+        "--model",
+        str(model_dir),
+        "--tokens",
+        str(tokens),
+        "--worker-arg",
+        extra,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -143,8 +175,10 @@ def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
 
 def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
     ref = dict(rows).get("transformers fp32", {})
-    head = ("| engine / variant | TTFT s | decode tok/s | peak RSS GB | decode % of bandwidth bound "
-            "| TTFT vs transformers fp32 | decode vs transformers fp32 |")
+    head = (
+        "| engine / variant | TTFT s | decode tok/s | peak RSS GB | decode % of bandwidth bound "
+        "| TTFT vs transformers fp32 | decode vs transformers fp32 |"
+    )
     lines = [head, "|" + "---|" * 7]
     for name, r in rows:
         if "error" in r:
@@ -154,7 +188,9 @@ def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
         share = f"{100 * r['decode_tps'] / bound:.0f}% of {bound:.0f}" if bound else "-"
         tt = f"{ref['ttft_s'] / r['ttft_s']:.2f}x faster" if ref.get("ttft_s") else "-"
         dd = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref.get("decode_tps") else "-"
-        lines.append(f"| {name} | {r['ttft_s']:.2f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} | {share} | {tt} | {dd} |")
+        lines.append(
+            f"| {name} | {r['ttft_s']:.2f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} | {share} | {tt} | {dd} |"
+        )
     return "\n".join(lines)
 
 
@@ -164,8 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="a Pico directory (benchmarked as is)")
     src.add_argument("--random", choices=["pico"], help="build the full-size Pico with random weights (cached)")
     ap.add_argument("--variants", default="float,8bit,4bit", help="with --random: float,8bit,4bit")
-    ap.add_argument("--compare", action="append", default=[], choices=["transformers", "mlx-vlm"],
-                    help="also run this engine on the same float weights, in the same run")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        choices=["transformers", "mlx-vlm"],
+        help="also run this engine on the same float weights, in the same run",
+    )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
     ap.add_argument("--bandwidth-gbs", type=float, default=32.0, help="memory read bandwidth for the bound column")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -175,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         import bonsai_mlx  # noqa: F401
 
-        fn = {"mlx": lambda: work_mlx(a.model, a.tokens),
-              "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
-              "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens)}[a.worker]
+        fn = {
+            "mlx": lambda: work_mlx(a.model, a.tokens),
+            "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
+            "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens),
+        }[a.worker]
         print(json.dumps(fn()))
         return 0
 
@@ -193,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers" in a.compare:
             for dt in ("float32", "bfloat16"):
                 print(f"transformers {dt} ...", file=sys.stderr)
-                rows.append((f"transformers {'fp32' if dt == 'float32' else 'bf16'}", spawn("transformers", base, a.tokens, dt)))
+                rows.append(
+                    (f"transformers {'fp32' if dt == 'float32' else 'bf16'}", spawn("transformers", base, a.tokens, dt))
+                )
         if "mlx-vlm" in a.compare:
             try:
                 import mlx_vlm  # noqa: F401
@@ -202,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for v in variants:
                     rows.append((f"mlx-vlm {v}", spawn("mlx-vlm", variant_dir(base, v), a.tokens)))
-        print(f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
-              f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n")
+        print(
+            f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
+            f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n"
+        )
         print(table(rows, a.bandwidth_gbs))
     return 0
 

@@ -76,8 +76,8 @@ def tokenize(processor, msgs: list[dict], max_length: int | None = None) -> tupl
         full = processor.render(msgs[: k + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix-stably; cannot mask labels")
-        ctx = processor.encode_text(prefix[len(done):])
-        ans = processor.encode_text(full[len(prefix):])
+        ctx = processor.encode_text(prefix[len(done) :])
+        ans = processor.encode_text(full[len(prefix) :])
         last = max((i for i, t in enumerate(ans) if t in stop), default=len(ans) - 1)
         ids += ctx + ans
         labels += [IGNORE] * len(ctx) + ans[: last + 1] + [IGNORE] * (len(ans) - last - 1)
@@ -109,8 +109,14 @@ class Dataset:
     truncated: int = 0
 
     @classmethod
-    def build(cls, records: list[dict], processor, image_root: str | Path | None = None, max_length: int | None = None,
-              on_bad: str = "skip") -> Dataset:
+    def build(
+        cls,
+        records: list[dict],
+        processor,
+        image_root: str | Path | None = None,
+        max_length: int | None = None,
+        on_bad: str = "skip",
+    ) -> Dataset:
         out, bad, trunc = [], {}, 0
         root = Path(image_root) if image_root else None
         for i, rec in enumerate(records):
@@ -122,7 +128,11 @@ class Dataset:
                 img = rec.get("image")
                 n_img = sum(m["content"].count("<image>") for m in msgs)
                 if img and n_img == 0:
-                    msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]} if msgs[0]["role"] == "user" else msgs[0]
+                    msgs[0] = (
+                        {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
+                        if msgs[0]["role"] == "user"
+                        else msgs[0]
+                    )
                     n_img = 1
                 if n_img > 1:
                     raise BadSample(f"{n_img} <image> tags; one image per record is supported")
@@ -159,8 +169,8 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     rng.shuffle(idx)
     if group:
         chunk = batch_size * 32  # sort within large shuffled windows, then shuffle the batches
-        idx = [i for w in range(0, len(idx), chunk) for i in sorted(idx[w:w + chunk], key=lambda j: lengths[j])]
-    batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+        idx = [i for w in range(0, len(idx), chunk) for i in sorted(idx[w : w + chunk], key=lambda j: lengths[j])]
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -201,8 +211,15 @@ def collate(examples: list[Example], processor, pad_id: int, images: dict[str, A
         pos.append(b * L + t)
         tgt.append(lab[1:][t])
     pv = processor.pixel_values(pil) if pil else None
-    return Batch(ids, pv, np.concatenate(pos).astype(np.int32), np.concatenate(tgt).astype(np.int32),
-                 [e.id for e in examples], sum(len(e.ids) for e in examples), skipped)
+    return Batch(
+        ids,
+        pv,
+        np.concatenate(pos).astype(np.int32),
+        np.concatenate(tgt).astype(np.int32),
+        [e.id for e in examples],
+        sum(len(e.ids) for e in examples),
+        skipped,
+    )
 
 
 def prefetch(make: Iterator[Batch] | Any, depth: int = 2) -> Iterator[Batch]:
@@ -230,4 +247,14 @@ def prefetch(make: Iterator[Batch] | Any, depth: int = 2) -> Iterator[Batch]:
         yield item
 
 
-__all__ = ["Batch", "Dataset", "Example", "ImageError", "batch_order", "collate", "prefetch", "read_records", "tokenize"]
+__all__ = [
+    "Batch",
+    "Dataset",
+    "Example",
+    "ImageError",
+    "batch_order",
+    "collate",
+    "prefetch",
+    "read_records",
+    "tokenize",
+]

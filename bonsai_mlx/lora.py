@@ -52,13 +52,26 @@ def adapter_tensors(model: nn.Module) -> dict[str, mx.array]:
     return out
 
 
-def save_adapter(model: nn.Module, out: str | Path, rank: int, alpha: float, dropout: float, targets, base: str = "") -> None:
+def save_adapter(
+    model: nn.Module, out: str | Path, rank: int, alpha: float, dropout: float, targets, base: str = ""
+) -> None:
     out = Path(out)
     atomic_save_safetensors(out / ADAPTER_WEIGHTS, adapter_tensors(model))
-    cfg = {"peft_type": "LORA", "task_type": None, "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-           "target_modules": lm_target_regex(list(targets)), "bias": "none", "fan_in_fan_out": False,
-           "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-           "init_lora_weights": True}
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": lm_target_regex(list(targets)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": base,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "init_lora_weights": True,
+    }
     atomic_write_text(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2) + "\n")
 
 
@@ -90,7 +103,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> int:
         parent = modules.get(parent_path)
         if parent is None or name not in parent:
             raise ValueError(f"{path}: adapter targets {p}, which this model does not have")
-        lora = parent[name] if isinstance(parent[name], LoRALinear) else LoRALinear.from_base(parent[name], r=rank, scale=alpha / rank)
+        lora = (
+            parent[name]
+            if isinstance(parent[name], LoRALinear)
+            else LoRALinear.from_base(parent[name], r=rank, scale=alpha / rank)
+        )
         lora.lora_a, lora.lora_b = a.astype(mx.float32), b.astype(mx.float32)
         parent[name] = lora
     return len(pairs)

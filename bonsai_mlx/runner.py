@@ -23,10 +23,24 @@ def make_default_model(out: Path, image_size: int, seed: int) -> Path:
 
     if (out / "config.json").is_file():
         return out
-    vision = VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=image_size, patch_size=8, vision_use_head=False)
-    text = TextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0)
+    vision = VisionConfig(
+        hidden_size=96,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    text = TextConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
     tiny.make_pico(out, synthetic.corpus(), vision, text, vocab_size=400, seed=seed)
     return out
 
@@ -36,7 +50,11 @@ def quantize_base(model, bits: int, group_size: int = 64) -> None:
     from bonsai_mlx.quantize import HybridQuantizedLinear, quantizable
 
     def pred(path, m):
-        return isinstance(m, (nn.Linear, nn.Embedding)) and quantizable(path + ".weight") and m.weight.shape[-1] % group_size == 0
+        return (
+            isinstance(m, (nn.Linear, nn.Embedding))
+            and quantizable(path + ".weight")
+            and m.weight.shape[-1] % group_size == 0
+        )
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
     if mx.default_device() == mx.cpu:
@@ -63,10 +81,16 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         data_dir = out / "data"
         if not (data_dir / "train.json").is_file():
             n_train = 600 if quick else DEFAULT_DATA["n_train"]
-            print(f"drawing the synthetic shapes task ({n_train} train / {DEFAULT_DATA['n_eval']} held-out) in {data_dir}")
+            print(
+                f"drawing the synthetic shapes task ({n_train} train / {DEFAULT_DATA['n_eval']} held-out) in {data_dir}"
+            )
             synthetic.export(data_dir, n_train, DEFAULT_DATA["n_eval"], seed=cfg.seed, size=DEFAULT_DATA["image_size"])
         cfg.model = str(make_default_model(out / "init", DEFAULT_DATA["image_size"], cfg.seed))
-        cfg.data, cfg.eval_data, cfg.image_root = str(data_dir / "train.json"), str(data_dir / "eval.json"), str(data_dir / "images")
+        cfg.data, cfg.eval_data, cfg.image_root = (
+            str(data_dir / "train.json"),
+            str(data_dir / "eval.json"),
+            str(data_dir / "images"),
+        )
     if not cfg.model or not cfg.data:
         raise ValueError("--model and --data go together (or give neither for the embedded default)")
 
@@ -96,8 +120,10 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         print(f"resumed at step {trainer.step} of {trainer.total_steps}")
     atomic_write_text(out / "training_config.json", json.dumps(asdict(cfg), indent=2))
     last = trainer.run()
-    lines = [f"final train loss {last.get('loss', float('nan')):.4f} at step {trainer.step}; "
-             f"{last.get('tokens_per_s', 0):.0f} tok/s; peak {last.get('peak_gb', 0):.2f} GB"]
+    lines = [
+        f"final train loss {last.get('loss', float('nan')):.4f} at step {trainer.step}; "
+        f"{last.get('tokens_per_s', 0):.0f} tok/s; peak {last.get('peak_gb', 0):.2f} GB"
+    ]
     if trainer.skipped:
         first = "; ".join(f"{k}: {v}" for k, v in list(trainer.skipped.items())[:5])
         lines.append(f"skipped {len(trainer.skipped)} bad samples ({first})")
@@ -110,13 +136,15 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
     else:
         lines.append(f"adapter + projector: {final}  (merge: python -m convert fuse {cfg.model} {final} OUT)")
     if embedded:
-        acc = accuracy(model, proc, cfg.eval_data, cfg.image_root)
+        acc = accuracy(model, proc, cfg.eval_data, cfg.image_root, limit=100 if quick else None)
         lines.append("held-out exact match: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
         atomic_write_text(out / "heldout_accuracy.json", json.dumps(acc, indent=2))
         img = sorted((Path(cfg.image_root)).glob("*.png"))[-1]
-        lines += ["chat with it:",
-                  f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} --prompt 'What colour is the circle?'",
-                  f"  python -m app --model {out / 'model'}"]
+        lines += [
+            "chat with it:",
+            f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} --prompt 'What colour is the circle?'",
+            f"  python -m app --model {out / 'model'}",
+        ]
     return lines
 
 

@@ -89,16 +89,24 @@ def split(n_train: int, n_eval: int, seed: int = 0, size: int = 48) -> tuple[lis
 
 
 def to_llava(s: dict, image_name: str) -> dict:
-    return {"id": s["id"], "image": image_name, "type": s["type"],
-            "conversations": [{"from": "human", "value": f"<image>\n{s['question']}"},
-                              {"from": "gpt", "value": s["answer"]}]}
+    return {
+        "id": s["id"],
+        "image": image_name,
+        "type": s["type"],
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{s['question']}"},
+            {"from": "gpt", "value": s["answer"]},
+        ],
+    }
 
 
 def corpus() -> list[str]:
     """Every word the task can say, for training its tokenizer."""
     words = [*COLOURS, *SHAPES, *CELLS, *NUMBERS.values(), "yes", "no"]
-    qs = [question([Item(k, c, p)], t, random.Random(i)) for i, (k, c, p, t) in
-          enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)]
+    qs = [
+        question([Item(k, c, p)], t, random.Random(i))
+        for i, (k, c, p, t) in enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)
+    ]
     return [f"{q} {a}" for q, a in qs] + words + ["What shape is the object? How many shapes are there? Where is it?"]
 
 

@@ -16,32 +16,55 @@ from pathlib import Path
 from bonsai_mlx.trainer import STAGES, TrainConfig
 
 # The embedded default: sized to reach >= 90% held-out exact match within minutes on 2 CPU cores.
-DEFAULT = dict(stage="full", batch_size=32, lr=2e-3, warmup=100, max_steps=1200, weight_decay=0.01, max_length=128,
-               eval_every=200, save_every=400, log_every=20, out="runs/shapes", lora_dropout=0.0)
+DEFAULT = dict(
+    stage="full",
+    batch_size=32,
+    lr=2e-3,
+    warmup=100,
+    max_steps=1200,
+    weight_decay=0.01,
+    max_length=128,
+    eval_every=200,
+    save_every=400,
+    log_every=20,
+    out="runs/shapes",
+    lora_dropout=0.0,
+)
 DEFAULT_DATA = dict(n_train=12000, n_eval=400, image_size=48)
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m bonsai_mlx.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bonsai_mlx.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n  python -m bonsai_mlx.train\n"
-               "  python -m bonsai_mlx.train --model pico/ --data llava_instruct.json --image-root images/ "
-               "--stage instruct --quantize-base 4\n  python -m bonsai_mlx.train --resume runs/pico\n"
-               "  python -m bonsai_mlx.train --export sample_data/   # the synthetic task as LLaVA JSON + PNGs")
+        "  python -m bonsai_mlx.train --model pico/ --data llava_instruct.json --image-root images/ "
+        "--stage instruct --quantize-base 4\n  python -m bonsai_mlx.train --resume runs/pico\n"
+        "  python -m bonsai_mlx.train --export sample_data/   # the synthetic task as LLaVA JSON + PNGs",
+    )
     S = argparse.SUPPRESS
     ap.add_argument("--model", default=S, help="Pico directory or hub id to fine-tune")
     ap.add_argument("--data", default=S, help="LLaVA conversation JSON/JSONL, or a datasets directory / hub id")
     ap.add_argument("--image-root", default=S, help="folder the records' image paths are relative to")
-    ap.add_argument("--stage", choices=STAGES, default=S,
-                    help="align: projector only; instruct: projector + LoRA; full: everything; distill: + teacher loss")
+    ap.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=S,
+        help="align: projector only; instruct: projector + LoRA; full: everything; distill: + teacher loss",
+    )
     ap.add_argument("--quantize-base", type=int, choices=[4, 8], default=S, help="freeze the LM in 4/8 bits (QLoRA)")
     ap.add_argument("--lora-rank", type=int, default=S)
     ap.add_argument("--lora-alpha", type=float, default=S)
     ap.add_argument("--lora-dropout", type=float, default=S)
     ap.add_argument("--lora-targets", default=S, help="comma list of LM projections (default: all seven)")
     ap.add_argument("--train-vision", action="store_true", default=S, help="also train the SigLIP tower")
-    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=S,
-                    help="frozen-weight/compute dtype (default float32 on CPU, float16 on GPU); trainables are fp32")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=S,
+        help="frozen-weight/compute dtype (default float32 on CPU, float16 on GPU); trainables are fp32",
+    )
     ap.add_argument("--batch-size", type=int, default=S)
     ap.add_argument("--grad-accum", type=int, default=S)
     ap.add_argument("--lr", type=float, default=S)
@@ -52,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=S)
     g.add_argument("--epochs", type=float, default=S)
     ap.add_argument("--max-length", type=int, default=S, help="tokens per sample (longer ones are truncated, counted)")
-    ap.add_argument("--grad-checkpoint", action="store_true", default=S, help="recompute layers in backward: less memory")
+    ap.add_argument(
+        "--grad-checkpoint", action="store_true", default=S, help="recompute layers in backward: less memory"
+    )
     ap.add_argument("--eval-data", default=S)
     ap.add_argument("--eval-every", type=int, default=S)
     ap.add_argument("--save-every", type=int, default=S)
@@ -92,7 +117,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if not args.resume and "model" not in d and "data" not in d:
         d = {**DEFAULT, **d}
         if args.quick:
-            d.update(max_steps=40, eval_every=0, save_every=0, out=d.get("out", "runs/shapes-quick"))
+            d.update(max_steps=50, eval_every=0, save_every=0, log_every=1, out=d.get("out", "runs/shapes-quick"))
     return TrainConfig.from_dict(d)
 
 
@@ -123,4 +148,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

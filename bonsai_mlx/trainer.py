@@ -77,8 +77,8 @@ def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chun
     hs = h.reshape(-1, h.shape[-1])[positions]
     total = mx.array(0.0)
     for i in range(0, hs.shape[0], chunk):
-        logits = model.lm_head(hs[i:i + chunk]).astype(mx.float32)
-        t = targets[i:i + chunk]
+        logits = model.lm_head(hs[i : i + chunk]).astype(mx.float32)
+        t = targets[i : i + chunk]
         total = total + (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
     return total
 
@@ -91,7 +91,11 @@ def forward_states(model: Pico, batch: dict, train_vision: bool, checkpoint: boo
             feats = model.image_features(pv)
         else:
             cfg = model.config
-            layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
+            layers = (
+                [cfg.vision_feature_layer]
+                if isinstance(cfg.vision_feature_layer, int)
+                else list(cfg.vision_feature_layer)
+            )
             hs = [mx.stop_gradient(x) for x in model.vision_tower.hidden_states(pv, layers)]
             if cfg.vision_feature_select_strategy == "default":
                 hs = [x[:, 1:] for x in hs]
@@ -100,8 +104,12 @@ def forward_states(model: Pico, batch: dict, train_vision: bool, checkpoint: boo
 
 
 def to_mx(b: Batch) -> dict:
-    return {"input_ids": mx.array(b.input_ids), "positions": mx.array(b.positions), "targets": mx.array(b.targets),
-            "pixel_values": mx.array(b.pixel_values) if b.pixel_values is not None else None}
+    return {
+        "input_ids": mx.array(b.input_ids),
+        "positions": mx.array(b.positions),
+        "targets": mx.array(b.targets),
+        "pixel_values": mx.array(b.pixel_values) if b.pixel_values is not None else None,
+    }
 
 
 def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
@@ -110,14 +118,18 @@ def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     if cfg.stage == "full":
         model.unfreeze()
-        return
-    model.freeze()
-    if cfg.stage in ("instruct", "distill"):
-        targets = tuple(t for t in cfg.lora_targets.split(",") if t)
-        lora.apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    model.multi_modal_projector.unfreeze()
-    if cfg.train_vision:
-        model.vision_tower.unfreeze()
+    else:
+        model.freeze()
+        if cfg.stage in ("instruct", "distill"):
+            targets = tuple(t for t in cfg.lora_targets.split(",") if t)
+            lora.apply_lora(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        model.multi_modal_projector.unfreeze()
+        if cfg.train_vision:
+            model.vision_tower.unfreeze()
+    # Trainable weights (and so AdamW's state) live in fp32 whatever the frozen dtype: pure fp16 + AdamW diverges.
+    fp32 = [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters()) if v.dtype != mx.float32]
+    if fp32:
+        model.load_weights(fp32, strict=False)
 
 
 def schedule(cfg: TrainConfig, total_steps: int) -> Callable:
@@ -127,8 +139,17 @@ def schedule(cfg: TrainConfig, total_steps: int) -> Callable:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: Pico, processor, train: Dataset, evaluate: Dataset | None = None,
-                 extra_loss: Callable | None = None, extra_params: nn.Module | None = None, on_eval: Callable | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Pico,
+        processor,
+        train: Dataset,
+        evaluate: Dataset | None = None,
+        extra_loss: Callable | None = None,
+        extra_params: nn.Module | None = None,
+        on_eval: Callable | None = None,
+    ):
         self.cfg, self.model, self.proc, self.train, self.eval_ds = cfg, model, processor, train, evaluate
         self.extra_loss, self.extra, self.on_eval = extra_loss, extra_params, on_eval
         self.group = mx.distributed.init() if os.environ.get("MLX_RANK") is not None else None
@@ -140,7 +161,9 @@ class Trainer:
         self.batches_per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0)) // self.world
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(train.examples)} samples cannot fill one batch per rank")
-        micro_total = cfg.max_steps * cfg.grad_accum if cfg.max_steps else math.ceil(self.batches_per_epoch * cfg.epochs)
+        micro_total = (
+            cfg.max_steps * cfg.grad_accum if cfg.max_steps else math.ceil(self.batches_per_epoch * cfg.epochs)
+        )
         self.total_steps = max(1, micro_total // cfg.grad_accum)
         self.optimizer = optim.AdamW(learning_rate=schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay)
         self.step = 0
@@ -155,8 +178,9 @@ class Trainer:
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, batch: dict, step_frac: mx.array):
         keep = tuple(self.extra.student_layers) if self.extra_loss is not None else ()
-        h, kept = forward_states(self.model, batch, self.cfg.train_vision or self.cfg.stage == "full",
-                                 self.cfg.grad_checkpoint, keep)
+        h, kept = forward_states(
+            self.model, batch, self.cfg.train_vision or self.cfg.stage == "full", self.cfg.grad_checkpoint, keep
+        )
         n = batch["targets"].shape[0]
         ce = ce_at(self.model, h, batch["positions"], batch["targets"]) / max(n, 1)
         if self.extra_loss is None:
@@ -169,7 +193,7 @@ class Trainer:
         micro = start_micro
         while True:
             epoch, i = divmod(micro, self.batches_per_epoch)
-            order = batch_order(self.lengths, cfg.batch_size, cfg.seed, epoch)[self.rank::self.world]
+            order = batch_order(self.lengths, cfg.batch_size, cfg.seed, epoch)[self.rank :: self.world]
             yield collate([self.train.examples[j] for j in order[i]], self.proc, self.pad_id)
             micro += 1
 
@@ -213,7 +237,7 @@ class Trainer:
         tot, n = 0.0, 0
         ex = ds.examples[:limit]
         for i in range(0, len(ex), self.cfg.batch_size):
-            b = collate(ex[i:i + self.cfg.batch_size], self.proc, self.pad_id)
+            b = collate(ex[i : i + self.cfg.batch_size], self.proc, self.pad_id)
             if not b.ids:
                 continue
             bm = to_mx(b)
@@ -237,12 +261,24 @@ class Trainer:
         opt = {k: v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt)
         if cfg.stage in ("instruct", "distill"):
-            lora.save_adapter(self.model, tmp, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                              cfg.lora_targets.split(","), cfg.model or "")
+            lora.save_adapter(
+                self.model,
+                tmp,
+                cfg.lora_rank,
+                cfg.lora_alpha,
+                cfg.lora_dropout,
+                cfg.lora_targets.split(","),
+                cfg.model or "",
+            )
         proj = {k: v for k, v in hf_state(self.model).items() if k.startswith("multi_modal_projector.")}
         atomic_save_safetensors(tmp / "projector.safetensors", proj)
-        state = {"step": self.step, "total_steps": self.total_steps, "config": asdict(cfg),
-                 "skipped": len(self.skipped), "time": time.time()}
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "config": asdict(cfg),
+            "skipped": len(self.skipped),
+            "time": time.time(),
+        }
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
         if ck.exists():
             shutil.rmtree(ck)
@@ -275,8 +311,14 @@ class Trainer:
         stop = {"now": False}
         prev = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
         it = prefetch(self.micro_batches(self.step * cfg.grad_accum))
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.stage})", disable=self.rank != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"train ({cfg.stage})",
+            disable=self.rank != 0,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         last = {"loss": float("nan")}
         t_tok, t0 = 0, time.perf_counter()
         try:
@@ -285,8 +327,14 @@ class Trainer:
                 loss, ntok, aux = self.train_step(batches)
                 t_tok += ntok * self.world
                 dt = time.perf_counter() - t0
-                last = {"step": self.step, "loss": loss, "lr": float(self.optimizer.learning_rate),
-                        "tokens_per_s": t_tok / dt, "peak_gb": mx.get_peak_memory() / 1e9, **aux}
+                last = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": float(self.optimizer.learning_rate),
+                    "tokens_per_s": t_tok / dt,
+                    "peak_gb": mx.get_peak_memory() / 1e9,
+                    **aux,
+                }
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t_tok / dt:.0f}", peak=f"{last['peak_gb']:.2f}GB")
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
@@ -296,7 +344,10 @@ class Trainer:
                     ev = {"step": self.step, "eval_loss": self.eval_loss()}
                     if self.on_eval:
                         ev.update(self.on_eval(self))
-                    bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()))
+                    bar.write(
+                        "eval "
+                        + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items())
+                    )
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(ev) + "\n")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
