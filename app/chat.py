@@ -1,0 +1,105 @@
+"""Chat handlers, free of Gradio so they can be tested directly.
+
+A Conversation is one tab's state: its ChatSession (KV cache, image features) and what it shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from bonsai_mlx.generate import ChatSession, Sampling
+from bonsai_mlx.images import ImageError, load_image
+
+MAX_PROMPT_TOKENS = 2048
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    system: str = ""
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_tokens=int(self.max_tokens), temperature=float(self.temperature), top_p=float(self.top_p))
+
+
+@dataclass
+class Conversation:
+    model_name: str | None = None
+    session: ChatSession | None = None
+    history: list[dict] = field(default_factory=list)  # what the chatbot shows
+    stats: list[str] = field(default_factory=list)  # one line per answer
+
+    def clear(self) -> None:
+        self.session, self.history, self.stats = None, [], []
+
+
+def _note(conv: Conversation, text: str) -> list[dict]:
+    """A friendly message in the chat instead of an error page."""
+    conv.history.append({"role": "assistant", "content": f"⚠️ {text}"})
+    return conv.history
+
+
+def _ensure_session(conv: Conversation, registry, model_name: str, settings: Settings) -> ChatSession:
+    if conv.session is None or conv.model_name != model_name:
+        model, proc = registry.get(model_name)
+        conv.session = ChatSession(model, proc, system=settings.system or None)
+        conv.model_name = model_name
+    conv.session.system = settings.system or None
+    return conv.session
+
+
+def _stream(conv: Conversation, registry, chunks) -> Iterator[list[dict]]:
+    conv.history.append({"role": "assistant", "content": ""})
+    with registry.generate_lock:
+        for chunk in chunks:
+            conv.history[-1]["content"] += chunk.text
+            if chunk.stats:
+                s = chunk.stats
+                conv.stats.append(f"TTFT {s.ttft_s:.2f} s · {s.decode_tps:.1f} tok/s · {s.generated_tokens} tokens · "
+                                  f"peak {s.peak_memory_gb:.2f} GB")
+            yield conv.history
+
+
+def submit(conv: Conversation, registry, model_name: str, text: str, image: str | None,
+           settings: Settings) -> Iterator[list[dict]]:
+    """A user turn: validate, then stream the answer (follow-ups reuse the session's cache)."""
+    text = (text or "").strip()
+    if image:
+        try:
+            load_image(image)
+        except ImageError as e:
+            yield _note(conv, f"That file can't be used as an image: {e}")
+            return
+    if not text:
+        yield _note(conv, "Please type a question" + (" about the image." if image else "."))
+        return
+    session = _ensure_session(conv, registry, model_name, settings)
+    n = len(session.processor.encode_text(text))
+    if n > MAX_PROMPT_TOKENS:
+        yield _note(conv, f"That message is {n} tokens; the limit is {MAX_PROMPT_TOKENS}. Please shorten it.")
+        return
+    if image:
+        conv.history.append({"role": "user", "content": {"path": image}})
+    conv.history.append({"role": "user", "content": text})
+    yield conv.history
+    yield from _stream(conv, registry, session.ask(text, image, settings.sampling()))
+
+
+def regenerate(conv: Conversation, registry, settings: Settings) -> Iterator[list[dict]]:
+    if conv.session is None or not conv.session.messages or conv.session.messages[-1]["role"] != "assistant":
+        yield _note(conv, "There is no answer to regenerate yet.")
+        return
+    while conv.history and conv.history[-1]["role"] == "assistant":
+        conv.history.pop()
+    if conv.stats:
+        conv.stats.pop()
+    conv.session.system = settings.system or None
+    yield from _stream(conv, registry, conv.session.regenerate(settings.sampling()))
+
+
+def stop(conv: Conversation) -> None:
+    if conv.session is not None:
+        conv.session.stop_requested = True
