@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {first} ...")
         registry.get(first)
     demo = build(registry)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                max_file_size="50mb")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, max_file_size="50mb")
     return 0
 
 

@@ -58,13 +58,16 @@ def _stream(conv: Conversation, registry, chunks) -> Iterator[list[dict]]:
             conv.history[-1]["content"] += chunk.text
             if chunk.stats:
                 s = chunk.stats
-                conv.stats.append(f"TTFT {s.ttft_s:.2f} s · {s.decode_tps:.1f} tok/s · {s.generated_tokens} tokens · "
-                                  f"peak {s.peak_memory_gb:.2f} GB")
+                conv.stats.append(
+                    f"TTFT {s.ttft_s:.2f} s · {s.decode_tps:.1f} tok/s · {s.generated_tokens} tokens · "
+                    f"peak {s.peak_memory_gb:.2f} GB"
+                )
             yield conv.history
 
 
-def submit(conv: Conversation, registry, model_name: str, text: str, image: str | None,
-           settings: Settings) -> Iterator[list[dict]]:
+def submit(
+    conv: Conversation, registry, model_name: str, text: str, image: str | None, settings: Settings
+) -> Iterator[list[dict]]:
     """A user turn: validate, then stream the answer (follow-ups reuse the session's cache)."""
     text = (text or "").strip()
     if image:

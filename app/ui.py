@@ -32,8 +32,13 @@ def build(registry: Registry) -> gr.Blocks:
                 chatbot = gr.Chatbot(elem_id="chat", height=480, label="Conversation")
                 stats = gr.Markdown(elem_id="stats")
                 box = gr.MultimodalTextbox(
-                    elem_id="input", file_types=["image"], file_count="single", sources=["upload"],
-                    placeholder="Drop, paste or pick an image, then ask about it…", submit_btn=True, stop_btn=True,
+                    elem_id="input",
+                    file_types=["image"],
+                    file_count="single",
+                    sources=["upload"],
+                    placeholder="Drop, paste or pick an image, then ask about it…",
+                    submit_btn=True,
+                    stop_btn=True,
                     show_label=False,
                 )
                 with gr.Row():

@@ -205,6 +205,7 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, batches: list[Batch]) -> tuple[float, int, dict]:
         grads_sum, loss_sum, tokens, aux = None, 0.0, 0, {}
+        self.model.train()  # dropout on
         frac = mx.array(self.step / max(1, self.total_steps - 1))
         for b in batches:
             self.skipped.update(b.skipped)
@@ -234,6 +235,7 @@ class Trainer:
         ds = self.eval_ds
         if not ds or not ds.examples:
             return float("nan")
+        self.model.eval()
         tot, n = 0.0, 0
         ex = ds.examples[:limit]
         for i in range(0, len(ex), self.cfg.batch_size):
@@ -341,7 +343,7 @@ class Trainer:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
-                    ev = {"step": self.step, "eval_loss": self.eval_loss()}
+                    ev = {"step": self.step, "eval_loss": self.eval_loss()}  # (puts the model in eval mode)
                     if self.on_eval:
                         ev.update(self.on_eval(self))
                     bar.write(
@@ -360,6 +362,7 @@ class Trainer:
             log(f"interrupted at step {self.step}: saved {ck}; continue with --resume {self.out}")
             raise KeyboardInterrupt
         self.save_checkpoint(final=True)
+        self.model.eval()
         return last
 
 

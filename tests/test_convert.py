@@ -171,3 +171,36 @@ def test_pytorch_bin_source_is_read_with_weights_only(tmp_path):
     torch.save(model.state_dict(), src / "pytorch_model.bin")
     assert convert(["to-mlx", str(src), str(tmp_path / "mlx"), "--dtype", "float32"]) == 0
     assert np.isfinite(np.array(loading.load(tmp_path / "mlx")[0](mx.array([[3, 4]])))).all()
+
+
+def test_fuse_merges_adapter_and_projector_into_a_checkpoint_transformers_loads(pico_dir, tmp_path):
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx.trainer import TrainConfig, setup_trainable
+
+    model, cfg = loading.load(pico_dir)
+    setup_trainable(model, TrainConfig(stage="instruct", lora_rank=4, lora_alpha=8))
+    model.eval()
+    mx.random.seed(3)
+    for k, v in tree_flatten(model.trainable_parameters()):
+        model.load_weights([(k, v + mx.random.normal(v.shape) * 0.05)], strict=False)
+    from bonsai_mlx import lora
+    from bonsai_mlx.io import atomic_save_safetensors
+
+    ck = tmp_path / "ck"
+    lora.save_adapter(model, ck, 4, 8, 0.0, lora.TARGETS)
+    proj = {k: v for k, v in loading.hf_state(model).items() if k.startswith("multi_modal_projector.")}
+    atomic_save_safetensors(ck / "projector.safetensors", proj)
+    proc = Processor(pico_dir, cfg)
+    ids = proc.encode([{"role": "user", "content": "<image>\nwhere is the star?"}])
+    pv = proc.pixel_values([image()])
+    expected = np.array(model(mx.array([ids]), mx.array(pv))[0])
+    assert convert(["fuse", str(pico_dir), str(ck), str(tmp_path / "fused")]) == 0
+    fused, _ = loading.load(tmp_path / "fused")
+    np.testing.assert_allclose(np.array(fused(mx.array([ids]), mx.array(pv))[0]), expected, atol=1e-4)
+    np.testing.assert_allclose(hf_logits(tmp_path / "fused", ids, pv), expected, atol=1e-4)
+    assert (
+        convert(["fuse", str(pico_dir), str(ck), str(tmp_path / "fused4"), "--quantize", "4", "--group-size", "32"])
+        == 0
+    )
+    assert json.loads((tmp_path / "fused4" / "config.json").read_text())["quantization"]["bits"] == 4

@@ -13,8 +13,15 @@ import pytest
 from helpers import image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -29,8 +36,12 @@ def server(pico_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--model", str(pico_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--model", str(pico_dir), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -77,7 +88,9 @@ def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
         page.wait_for_function("document.querySelector('#chat')?.innerText.includes('And the circle?')", timeout=60_000)
         page.wait_for_function(
             f"(() => {{ const t = document.querySelector('#stats')?.innerText || ''; "
-            f"return t.includes('TTFT') && t !== {first_stats!r}; }})()", timeout=120_000)
+            f"return t.includes('TTFT') && t !== {first_stats!r}; }})()",
+            timeout=120_000,
+        )
         assert page.locator("#chat .message").count() >= 4
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
