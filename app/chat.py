@@ -5,8 +5,8 @@ A Conversation is one tab's state: its ChatSession (KV cache, image features) an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from bonsai_mlx.generate import ChatSession, Sampling
 from bonsai_mlx.images import ImageError, load_image

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import random
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

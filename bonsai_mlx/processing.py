@@ -45,7 +45,8 @@ class Processor:
         tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
         if tok_id != self.image_token_id:
             raise ValueError(
-                f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, config.json says image_token_index={self.image_token_id}"
+                f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, "
+                f"config.json says image_token_index={self.image_token_id}"
             )
         self.chat_template = self.tokenizer.chat_template or self._processor_template()
         if not self.chat_template:

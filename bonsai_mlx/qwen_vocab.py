@@ -32,7 +32,7 @@ QWEN25_SPECIALS = [
     "<|repo_name|>",
     "<|file_sep|>",
 ]
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 # ChatML with Qwen2.5's default system turn (tool calling left out).
 QWEN25_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"

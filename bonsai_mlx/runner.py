@@ -13,7 +13,7 @@ from bonsai_mlx import loading, lora
 from bonsai_mlx.data import Dataset, read_records
 from bonsai_mlx.io import atomic_write_text
 from bonsai_mlx.processing import Processor
-from bonsai_mlx.trainer import Trainer, TrainConfig, seed_everything, setup_trainable
+from bonsai_mlx.trainer import TrainConfig, Trainer, seed_everything, setup_trainable
 
 
 def make_default_model(out: Path, image_size: int, seed: int) -> Path:
@@ -142,7 +142,8 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         img = sorted((Path(cfg.image_root)).glob("*.png"))[-1]
         lines += [
             "chat with it:",
-            f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} --prompt 'What colour is the circle?'",
+            f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} "
+            "--prompt 'What colour is the circle?'",
             f"  python -m app --model {out / 'model'}",
         ]
     return lines

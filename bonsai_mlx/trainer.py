@@ -8,9 +8,9 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps: int | None = None
     epochs: float = 1.0
     max_length: int = 1024
+    group_by_length: bool = True  # less padding; off when length gives away the sample's kind
     grad_checkpoint: bool = False
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -158,7 +159,7 @@ class Trainer:
         if not train.examples:
             raise ValueError("no usable training samples (" + train.summary() + ")")
         self.lengths = [len(e.ids) for e in train.examples]
-        self.batches_per_epoch = len(batch_order(self.lengths, cfg.batch_size, cfg.seed, 0)) // self.world
+        self.batches_per_epoch = len(self.lengths) // cfg.batch_size // self.world
         if self.batches_per_epoch == 0:
             raise ValueError(f"{len(train.examples)} samples cannot fill one batch per rank")
         micro_total = (

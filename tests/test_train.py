@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from bonsai_mlx import loading, lora
 from bonsai_mlx.data import IGNORE, Dataset, collate, read_records, tokenize
 from bonsai_mlx.processing import Processor
-from bonsai_mlx.trainer import Trainer, TrainConfig, ce_at, forward_states, setup_trainable, to_mx
+from bonsai_mlx.trainer import TrainConfig, Trainer, ce_at, forward_states, setup_trainable, to_mx
 
 QA = [
     ("What colour is the square?", "red"),
