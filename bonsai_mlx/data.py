@@ -64,8 +64,22 @@ def messages_of(rec: dict) -> list[dict]:
     return msgs
 
 
-def tokenize(processor, msgs: list[dict], max_length: int | None = None) -> tuple[list[int], list[int], bool]:
-    """ids, labels (IGNORE outside assistant answers and their end token), truncated?"""
+def _encode(processor, text: str, base: int, offsets: list | None) -> list[int]:
+    if offsets is None:
+        return processor.encode_text(text)
+    enc = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets += [(base + a, base + b) for a, b in enc["offset_mapping"]]
+    return enc["input_ids"]
+
+
+def tokenize(
+    processor, msgs: list[dict], max_length: int | None = None, offsets: list | None = None
+) -> tuple[list[int], list[int], bool]:
+    """ids, labels (IGNORE outside assistant answers and their end token), truncated?
+
+    Pass a list as `offsets` to also get each token's character span in the rendered conversation
+    (`processor.render(msgs, add_generation_prompt=False)`), which distillation aligns on.
+    """
     ids: list[int] = []
     labels: list[int] = []
     done = ""
@@ -77,8 +91,8 @@ def tokenize(processor, msgs: list[dict], max_length: int | None = None) -> tupl
         full = processor.render(msgs[: k + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix-stably; cannot mask labels")
-        ctx = processor.encode_text(prefix[len(done) :])
-        ans = processor.encode_text(full[len(prefix) :])
+        ctx = _encode(processor, prefix[len(done) :], len(done), offsets)
+        ans = _encode(processor, full[len(prefix) :], len(prefix), offsets)
         last = max((i for i, t in enumerate(ans) if t in stop), default=len(ans) - 1)
         ids += ctx + ans
         labels += [IGNORE] * len(ctx) + ans[: last + 1] + [IGNORE] * (len(ans) - last - 1)

@@ -6,8 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
+if TYPE_CHECKING:  # mlx is imported lazily: the CUDA side uses the text helpers without it
+    import mlx.core as mx
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -31,7 +33,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
+def atomic_save_safetensors(path: str | Path, arrays: dict[str, "mx.array"], metadata: dict | None = None) -> None:
+    import mlx.core as mx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")
@@ -44,6 +48,8 @@ def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array], metad
 
 
 def _load_file(path: Path) -> dict[str, mx.array]:
+    import mlx.core as mx
+
     try:
         return mx.load(str(path))
     except Exception as e:  # mlx raises bare RuntimeError/ValueError for truncated or foreign files

@@ -1,0 +1,116 @@
+"""The teacher hidden-state cache: sharded fp16 safetensors + JSON index + manifest.
+
+Written once on a GPU by `train_cuda.extract`, read by both `train_cuda.distill` and
+`bonsai_mlx.train --stage distill` (NumPy only: no torch or mlx needed to read or write it).
+
+    CACHE/manifest.json            teacher, layers, normalisation, hidden size, grids, student tokenizer hash
+    CACHE/shard-00000.safetensors  "<id>/text/<layer>" (units, D) and "<id>/image/<layer>" (grid^2, D)
+    CACHE/shard-00000.json         <id> -> student/teacher positions of the text units (written last: marks done)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonsai_mlx.io import atomic_write_text
+
+FORMAT = 1
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Changes whenever token ids would: vocabulary, added tokens and chat template."""
+    h = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update((tok.chat_template or "").encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Entry:
+    text_student_pos: list[int]
+    text_teacher_pos: list[int]
+    text: dict[int, np.ndarray]  # layer -> (units, D)
+    image: dict[int, np.ndarray]  # layer -> (student_grid^2, D), empty for text-only samples
+
+
+class CacheWriter:
+    """Accumulates samples and writes a shard every `per_shard` of them, atomically."""
+
+    def __init__(self, root: str | Path, manifest: dict, per_shard: int = 256):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        mpath = self.root / "manifest.json"
+        manifest = {"format": FORMAT, "samples_per_shard": per_shard, **manifest}
+        if mpath.is_file():
+            old = json.loads(mpath.read_text())
+            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            if diff:
+                raise ValueError(f"{mpath}: existing cache was made with different {diff[0]!r}; use a new --out")
+        else:
+            atomic_write_text(mpath, json.dumps(manifest, indent=2))
+        self.manifest = manifest
+        self.per_shard = per_shard
+
+    def shard_done(self, k: int) -> bool:
+        return (self.root / f"shard-{k:05d}.json").is_file()
+
+    def write_shard(self, k: int, entries: dict[str, Entry]) -> None:
+        from safetensors.numpy import save_file
+
+        tensors, index = {}, {}
+        for sid, e in entries.items():
+            for layer, a in e.text.items():
+                tensors[f"{sid}/text/{layer}"] = np.ascontiguousarray(a, dtype=np.float16)
+            for layer, a in e.image.items():
+                tensors[f"{sid}/image/{layer}"] = np.ascontiguousarray(a, dtype=np.float16)
+            index[sid] = {"text_student_pos": e.text_student_pos, "text_teacher_pos": e.text_teacher_pos}
+        name = f"shard-{k:05d}"
+        tmp = self.root / f".{name}.tmp.safetensors"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.root / f"{name}.safetensors")
+        atomic_write_text(self.root / f"{name}.json", json.dumps(index))
+
+
+class CacheReader:
+    def __init__(self, root: str | Path, student_tokenizer=None):
+        self.root = Path(root)
+        mpath = self.root / "manifest.json"
+        if not mpath.is_file():
+            raise FileNotFoundError(f"{mpath}: not found (make the cache with python -m train_cuda.extract)")
+        self.manifest = json.loads(mpath.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {FORMAT}")
+        if student_tokenizer is not None:
+            fp = tokenizer_fingerprint(student_tokenizer)
+            if fp != self.manifest["student_tokenizer"]:
+                raise ValueError(
+                    f"{self.root}: cache was aligned to a different student tokenizer "
+                    f"({self.manifest['student_tokenizer']} != {fp}); re-extract with --student-tokenizer for this model"
+                )
+        self.layers = [int(x) for x in self.manifest["layers"]]
+        self.where: dict[str, tuple[Path, dict]] = {}
+        for j in sorted(self.root.glob("shard-*.json")):
+            for sid, meta in json.loads(j.read_text()).items():
+                self.where[sid] = (j.with_suffix(".safetensors"), meta)
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self.where
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def get(self, sid: str) -> Entry:
+        from safetensors import safe_open
+
+        path, meta = self.where[sid]
+        f = self._open.get(path) or self._open.setdefault(path, safe_open(str(path), "np"))
+        keys = set(f.keys())
+        text = {L: f.get_tensor(f"{sid}/text/{L}") for L in self.layers if f"{sid}/text/{L}" in keys}
+        image = {L: f.get_tensor(f"{sid}/image/{L}") for L in self.layers if f"{sid}/image/{L}" in keys}
+        return Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)

@@ -1,0 +1,93 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import image, make_teacher
+
+from bonsai_mlx.config import PicoConfig
+from bonsai_mlx.processing import Processor
+from bonsai_mlx.teacher_cache import CacheReader
+from train_cuda.extract import main as extract
+from train_cuda.teacher import Teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return make_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "img").mkdir()
+    recs = []
+    for i in range(5):
+        image(i, size=(60, 40)).save(tmp_path / "img" / f"{i}.png")
+        recs.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": "The square is red and the triangle is blue."}]})
+    recs.append({"id": "t", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]})
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    return tmp_path
+
+
+def _extract(teacher_dir, pico_dir, data, out, *extra):
+    return extract(["--teacher", str(teacher_dir), "--data", str(data / "d.json"), "--image-root", str(data / "img"),
+                    "--student-tokenizer", str(pico_dir), "--layers", "-1,1", "--out", str(out), "--per-shard", "2",
+                    "--batch-size", "2", *extra])
+
+
+def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys):
+    assert _extract(teacher_dir, pico_dir, data, tmp_path / "cache") == 0
+    assert "GB on disk" in capsys.readouterr().out
+    proc = Processor(pico_dir, PicoConfig.load(pico_dir))
+    cache = CacheReader(tmp_path / "cache", proc.tokenizer)
+    assert len(cache) == 6 and cache.manifest["layers"] == [-1, 1]
+    e = cache.get("s0")
+    s_grid = PicoConfig.load(pico_dir).vision.grid
+    assert e.image[-1].shape == (s_grid * s_grid, 48) and e.image[-1].dtype == np.float16
+    assert len(e.text_student_pos) == e.text[-1].shape[0] > 3
+    assert not cache.get("t").image and cache.get("t").text[1].shape[0] >= 1
+    # targets equal the teacher's normalised states at the aligned positions
+    t = Teacher.load(str(teacher_dir))
+    from bonsai_mlx.data import messages_of
+    from train_cuda.extract import plan_sample
+
+    rec = json.loads((data / "d.json").read_text())[0]
+    plan = plan_sample(rec, t, proc, str(data / "img"))
+    from PIL import Image
+
+    from bonsai_mlx.align import pool_grid
+
+    px = t.pixel_values(Image.open(data / "img" / "0.png").convert("RGB"))
+    st = t.hidden_states([plan.t_ids], px, [-1])[0][0]
+    np.testing.assert_allclose(e.text[-1], st[[a for a, _ in plan.pairs]], atol=2e-3)
+    img_pos = [i for i, x in enumerate(plan.t_ids) if x == t.image_token_id]
+    np.testing.assert_allclose(e.image[-1], pool_grid(st[img_pos], t.grid, s_grid), atol=2e-3)
+    # the student positions point at tokens that end the same answer characters
+    assert all(proc.image_token_id != sid for sid in e.text_student_pos)
+    assert messages_of(rec)
+
+
+def test_resume_skips_finished_shards(teacher_dir, pico_dir, data, tmp_path):
+    out = tmp_path / "cache"
+    _extract(teacher_dir, pico_dir, data, out)
+    first = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    os.remove(out / "shard-00001.json")  # as if interrupted while writing shard 1
+    _extract(teacher_dir, pico_dir, data, out)
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first
+    assert (out / "shard-00001.json").is_file() and len(CacheReader(out)) == 6
+
+
+def test_mismatched_student_tokenizer_is_refused(teacher_dir, pico_dir, data, tmp_path, capsys):
+    from helpers import make_tokenizer
+
+    _extract(teacher_dir, pico_dir, data, tmp_path / "cache")
+    other = make_tokenizer(tmp_path / "other")
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="different student tokenizer"):
+        CacheReader(tmp_path / "cache", other)
+    with pytest.raises(SystemExit):
+        extract(["--teacher", str(teacher_dir), "--data", str(data / "d.json"), "--image-root", str(data / "img"),
+                 "--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")])
+    assert "made with different 'layers'" in capsys.readouterr().err

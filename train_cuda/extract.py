@@ -1,0 +1,165 @@
+"""python -m train_cuda.extract: run the teacher once and cache its hidden states at aligned units.
+
+Resumable (finished shards are skipped), prints the projected disk size first, and writes a cache
+that `train_cuda.distill` and `bonsai_mlx.train --stage distill` both read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonsai_mlx.align import pad_to_square, pool_grid, text_units
+from bonsai_mlx.config import PicoConfig
+from bonsai_mlx.data import BadSample, messages_of, read_records, tokenize
+from bonsai_mlx.images import ImageError, load_image
+from bonsai_mlx.processing import Processor
+from bonsai_mlx.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint
+from train_cuda.teacher import Teacher, answer_spans
+
+
+@dataclass
+class Plan:
+    sid: str
+    t_ids: list[int]
+    pairs: list[tuple[int, int]]
+    image: str | None
+
+
+def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str | None) -> Plan:
+    msgs = messages_of(rec)
+    if rec.get("image") and not any("<image>" in m["content"] for m in msgs):
+        msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
+    answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+    s_off: list = []
+    tokenize(student, msgs, offsets=s_off)
+    s_text = student.render(msgs, add_generation_prompt=False)
+    t_text = teacher.render(msgs)
+    t_ids, t_off = teacher.encode(t_text)
+    pairs = []
+    for ts, ss in zip(answer_spans(t_text, answers), answer_spans(s_text, answers), strict=True):
+        pairs += text_units(t_off, ts, s_off, ss)
+    img = rec.get("image")
+    path = str(Path(image_root) / img) if img and image_root else img
+    return Plan(str(rec.get("id")), t_ids, pairs, path)
+
+
+def glue_negative_lists(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """Let `--layers -1,16` through argparse, which would read "-1,16" as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train_cuda.extract", description=__doc__)
+    ap.add_argument("--teacher", required=True, help="teacher Llava directory or hub id (llava-hf/llava-1.5-7b-hf)")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--image-root")
+    ap.add_argument("--student-tokenizer", required=True, help="the student Pico directory (tokenizer, template, grid)")
+    ap.add_argument("--layers", default="-1", help="teacher hidden_states indices, e.g. -1,16")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--dtype", default=None, help="teacher compute dtype on GPU (default bfloat16)")
+    ap.add_argument("--load-4bit", action="store_true", help="teacher in bitsandbytes NF4 (GPU only)")
+    ap.add_argument("--max-samples", type=int)
+    ap.add_argument("--per-shard", type=int, default=256)
+    a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
+    from bonsai_mlx.errors import friendly
+
+    with friendly("extract"):
+        return run(a)
+
+
+def run(a) -> int:
+    from tqdm import tqdm
+
+    layers = [int(x) for x in a.layers.split(",")]
+    sdir = Path(a.student_tokenizer)
+    scfg = PicoConfig.load(sdir)
+    student = Processor(sdir, scfg)
+    teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit)
+    if teacher.device == "cpu":
+        print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
+    records = read_records(a.data)[: a.max_samples]
+    plans, bad = [], {}
+    for rec in records:
+        try:
+            plans.append(plan_sample(rec, teacher, student, a.image_root))
+        except (BadSample, ValueError) as e:
+            bad[str(rec.get("id"))] = str(e)
+    hidden = teacher.model.config.text_config.hidden_size
+    s_grid = scfg.vision.grid
+    units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)
+    print(f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {hidden} "
+          f"-> about {units * len(layers) * hidden * 2 / 1e9:.2f} GB on disk (fp16)")
+    manifest = {"teacher": str(a.teacher), "layers": layers, "normalisation": "layernorm", "hidden_size": hidden,
+                "student_tokenizer": tokenizer_fingerprint(student.tokenizer), "teacher_grid": teacher.grid,
+                "student_grid": s_grid, "dtype": "float16"}
+    writer = CacheWriter(a.out, manifest, a.per_shard)
+    shards = [plans[i : i + a.per_shard] for i in range(0, len(plans), a.per_shard)]
+    bar = tqdm(total=len(plans), desc="extract", unit="sample")
+    for k, shard in enumerate(shards):
+        if writer.shard_done(k):
+            bar.update(len(shard))
+            continue
+        entries = {}
+        for i in range(0, len(shard), a.batch_size):
+            batch = shard[i : i + a.batch_size]
+            entries.update(extract_batch(teacher, batch, layers, s_grid, bad))
+            bar.update(len(batch))
+        writer.write_shard(k, entries)
+    bar.close()
+    if bad:
+        print(f"skipped {len(bad)}: " + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:5]))
+    print(f"cache: {a.out}")
+    return 0
+
+
+def extract_batch(teacher: Teacher, batch: list[Plan], layers: list[int], s_grid: int, bad: dict) -> dict[str, Entry]:
+    ok, pixels = [], []
+    for p in batch:
+        if p.image:
+            try:
+                pixels.append(teacher.pixel_values(pad_to_square(load_image(p.image)))[0])
+            except ImageError as e:
+                bad[p.sid] = str(e)
+                continue
+        ok.append(p)
+    if not ok:
+        return {}
+    # text-only and image samples go in separate forwards (the teacher takes one pixel tensor per call)
+    out = {}
+    for group in ([p for p in ok if p.image], [p for p in ok if not p.image]):
+        if not group:
+            continue
+        px = np.stack(pixels[: len(group)]) if group[0].image else None
+        if group[0].image:
+            pixels = pixels[len(group) :]
+        states = teacher.hidden_states([p.t_ids for p in group], px, layers)
+        for b, p in enumerate(group):
+            text = {L: st[b, [t for t, _ in p.pairs]] for L, st in zip(layers, states, strict=True)}
+            image = {}
+            if p.image:
+                pos = [i for i, t in enumerate(p.t_ids) if t == teacher.image_token_id]
+                g = teacher.grid
+                for L, st in zip(layers, states, strict=True):
+                    img = st[b, pos]
+                    img = img[-g * g :]  # drop CLS when the teacher keeps it ("full" strategy)
+                    image[L] = pool_grid(img, g, s_grid)
+            out[p.sid] = Entry([s for _, s in p.pairs], [t for t, _ in p.pairs], text, image)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The teacher (a Llava checkpoint, e.g. llava-hf/llava-1.5-7b-hf): loading, prompts with offsets, forward."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonsai_mlx.align import pad_to_square
+
+IMAGE = "<image>"
+
+
+def device_and_dtype(dtype: str | None = None):
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", getattr(torch, dtype or "bfloat16")
+    return "cpu", torch.float32
+
+
+@dataclass
+class Teacher:
+    model: object
+    tokenizer: object
+    image_processor: object
+    chat_template: str
+    image_token_id: int
+    num_image_tokens: int
+    grid: int
+    device: str
+
+    @classmethod
+    def load(cls, path: str, dtype: str | None = None, load_4bit: bool = False) -> Teacher:
+        import torch
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        from bonsai_mlx.loading import resolve
+
+        d = resolve(path)
+        device, torch_dtype = device_and_dtype(dtype)
+        kw: dict = {"dtype": torch_dtype}
+        if device == "cuda":
+            kw["device_map"] = {"": 0}
+            try:
+                import flash_attn  # noqa: F401
+
+                kw["attn_implementation"] = "flash_attention_2"
+            except ImportError:
+                kw["attn_implementation"] = "sdpa"
+            if load_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kw["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch_dtype, llm_int8_skip_modules=["lm_head", "multi_modal_projector"],
+                )
+        model = LlavaForConditionalGeneration.from_pretrained(str(d), **kw).eval()
+        tok = AutoTokenizer.from_pretrained(str(d))
+        ip = AutoImageProcessor.from_pretrained(str(d), backend="pil")
+        template = tok.chat_template
+        if not template and (d / "chat_template.json").is_file():
+            template = json.loads((d / "chat_template.json").read_text())["chat_template"]
+        if not template and (d / "chat_template.jinja").is_file():
+            template = (d / "chat_template.jinja").read_text()
+        cfg = model.config
+        grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        n_img = grid * grid + (0 if cfg.vision_feature_select_strategy == "default" else 1)  # CLIP has a CLS
+        return cls(model, tok, ip, template, cfg.image_token_index, n_img, grid, device)
+
+    def render(self, msgs: list[dict]) -> str:
+        """The teacher's own prompt format; <image> expanded to its image-token count."""
+        conv = []
+        for m in msgs:
+            text = m["content"]
+            if IMAGE in text:
+                parts = [{"type": "image"}, {"type": "text", "text": text.replace(IMAGE, "").lstrip("\n")}]
+            else:
+                parts = [{"type": "text", "text": text}]
+            conv.append({"role": m["role"], "content": parts})
+        text = self.tokenizer.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False)
+        return text.replace(IMAGE, IMAGE * self.num_image_tokens)
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+    def pixel_values(self, image) -> np.ndarray:
+        return np.asarray(self.image_processor([pad_to_square(image)], return_tensors="np")["pixel_values"], np.float32)
+
+    def hidden_states(self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int]) -> list[np.ndarray]:
+        """LayerNorm-normalised (parameter-free) states of `layers`, (B, L, D) float32 each; right-padded batch."""
+        import torch
+        import torch.nn.functional as F
+
+        L = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id or 0
+        inp = torch.tensor([x + [pad] * (L - len(x)) for x in ids], device=self.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids], device=self.device)
+        kw = {}
+        if pixels is not None:
+            kw["pixel_values"] = torch.tensor(pixels, device=self.device, dtype=self.model.dtype)
+        with torch.no_grad():
+            out = self.model(input_ids=inp, attention_mask=mask, output_hidden_states=True, **kw)
+        hs = out.hidden_states
+        return [F.layer_norm(hs[k].float(), hs[k].shape[-1:]).cpu().numpy() for k in layers]
+
+
+def answer_spans(text: str, answers: list[str]) -> list[tuple[int, int]]:
+    """Character spans of each answer, found in order in a rendered conversation."""
+    spans, at = [], 0
+    for a in answers:
+        i = text.find(a, at)
+        if i < 0:
+            raise ValueError(f"answer {a[:40]!r} not found in the rendered prompt")
+        spans.append((i, i + len(a)))
+        at = i + len(a)
+    return spans
+
+
+def student_image_positions(ids: list[int], image_token_id: int) -> list[int]:
+    return [i for i, t in enumerate(ids) if t == image_token_id]
+
+
+
