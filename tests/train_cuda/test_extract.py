@@ -89,5 +89,5 @@ def test_mismatched_student_tokenizer_is_refused(teacher_dir, pico_dir, data, tm
         CacheReader(tmp_path / "cache", other)
     with pytest.raises(SystemExit):
         extract(["--teacher", str(teacher_dir), "--data", str(data / "d.json"), "--image-root", str(data / "img"),
-                 "--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")])
+                 "--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache"), "--per-shard", "2"])
     assert "made with different 'layers'" in capsys.readouterr().err
