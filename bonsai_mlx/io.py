@@ -33,7 +33,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_save_safetensors(path: str | Path, arrays: dict[str, "mx.array"], metadata: dict | None = None) -> None:
+def atomic_save_safetensors(path: str | Path, arrays: dict[str, mx.array], metadata: dict | None = None) -> None:
     import mlx.core as mx
 
     path = Path(path)

@@ -108,13 +108,13 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
     if cfg.eval_data:
         evaluate = Dataset.build(read_records(cfg.eval_data), proc, cfg.image_root, cfg.max_length, "skip")
 
-    extra = extra_loss = None
+    extra = extra_loss = augment = None
     if cfg.stage == "distill":
         from bonsai_mlx.distill import setup_distill
 
-        extra, extra_loss = setup_distill(cfg, model, proc, train)
+        extra, extra_loss, augment = setup_distill(cfg, model, proc, train)
     on_eval = (lambda tr: accuracy(tr.model, proc, cfg.eval_data, cfg.image_root, limit=100)) if embedded else None
-    trainer = Trainer(cfg, model, proc, train, evaluate, extra_loss, extra, on_eval)
+    trainer = Trainer(cfg, model, proc, train, evaluate, extra_loss, extra, on_eval, augment)
     if resume:
         trainer.load_checkpoint(resume)
         print(f"resumed at step {trainer.step} of {trainer.total_steps}")

@@ -90,7 +90,8 @@ class CacheReader:
             if fp != self.manifest["student_tokenizer"]:
                 raise ValueError(
                     f"{self.root}: cache was aligned to a different student tokenizer "
-                    f"({self.manifest['student_tokenizer']} != {fp}); re-extract with --student-tokenizer for this model"
+                    f"({self.manifest['student_tokenizer']} != {fp}); "
+                    "re-extract with --student-tokenizer for this model"
                 )
         self.layers = [int(x) for x in self.manifest["layers"]]
         self.where: dict[str, tuple[Path, dict]] = {}

@@ -122,8 +122,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.errors import friendly, glue_negative_lists
+
+    args = parser().parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
 
     with friendly("train"):
         if args.export:

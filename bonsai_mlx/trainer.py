@@ -150,9 +150,10 @@ class Trainer:
         extra_loss: Callable | None = None,
         extra_params: nn.Module | None = None,
         on_eval: Callable | None = None,
+        augment: Callable | None = None,
     ):
         self.cfg, self.model, self.proc, self.train, self.eval_ds = cfg, model, processor, train, evaluate
-        self.extra_loss, self.extra, self.on_eval = extra_loss, extra_params, on_eval
+        self.extra_loss, self.extra, self.on_eval, self.augment = extra_loss, extra_params, on_eval, augment
         self.group = mx.distributed.init() if os.environ.get("MLX_RANK") is not None else None
         self.rank = self.group.rank() if self.group else 0
         self.world = self.group.size() if self.group else 1
@@ -213,7 +214,10 @@ class Trainer:
             if not b.ids:
                 continue
             mx.random.seed(self.cfg.seed * 1_000_003 + self.step)  # dropout depends on the step only: exact resume
-            (loss, ce), grads = self.loss_and_grad(to_mx(b), frac)
+            bm = to_mx(b)
+            if self.augment is not None:
+                bm.update(self.augment(b))
+            (loss, ce), grads = self.loss_and_grad(bm, frac)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(grads_sum, loss)
             loss_sum += loss.item()

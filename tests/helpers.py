@@ -108,30 +108,78 @@ def make_teacher(out: Path, hidden: int = 48, image_size: int = 48, patch_size: 
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(CORPUS + ["USER: ASSISTANT:"], trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"], unk_token="<unk>", show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<unk>", additional_special_tokens=["<image>"])
+    tok.train_from_iterator(
+        CORPUS + ["USER: ASSISTANT:"],
+        trainers.UnigramTrainer(
+            vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"], unk_token="<unk>", show_progress=False
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        additional_special_tokens=["<image>"],
+    )
     fast.chat_template = VICUNA
     fast.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True, "resample": 3}))
-    v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=image_size, patch_size=patch_size, projection_dim=32)
-    t = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, vocab_size=len(fast), max_position_embeddings=1024)
-    cfg = LlavaConfig(vision_config=v, text_config=t, image_token_index=fast.convert_tokens_to_ids("<image>"),
-                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": image_size},
+                "do_center_crop": True,
+                "crop_size": {"height": image_size, "width": image_size},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "do_convert_rgb": True,
+                "resample": 3,
+            }
+        )
+    )
+    v = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    t = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=len(fast),
+        max_position_embeddings=1024,
+    )
+    cfg = LlavaConfig(
+        vision_config=v,
+        text_config=t,
+        image_token_index=fast.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(str(out))
     return out

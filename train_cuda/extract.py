@@ -48,19 +48,6 @@ def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str
     return Plan(str(rec.get("id")), t_ids, pairs, path)
 
 
-def glue_negative_lists(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-    """Let `--layers -1,16` through argparse, which would read "-1,16" as an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in flags and i + 1 < len(argv):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train_cuda.extract", description=__doc__)
     ap.add_argument("--teacher", required=True, help="teacher Llava directory or hub id (llava-hf/llava-1.5-7b-hf)")
@@ -74,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-4bit", action="store_true", help="teacher in bitsandbytes NF4 (GPU only)")
     ap.add_argument("--max-samples", type=int)
     ap.add_argument("--per-shard", type=int, default=256)
+    from bonsai_mlx.errors import glue_negative_lists
+
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
     from bonsai_mlx.errors import friendly
 
@@ -101,11 +90,20 @@ def run(a) -> int:
     hidden = teacher.model.config.text_config.hidden_size
     s_grid = scfg.vision.grid
     units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)
-    print(f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {hidden} "
-          f"-> about {units * len(layers) * hidden * 2 / 1e9:.2f} GB on disk (fp16)")
-    manifest = {"teacher": str(a.teacher), "layers": layers, "normalisation": "layernorm", "hidden_size": hidden,
-                "student_tokenizer": tokenizer_fingerprint(student.tokenizer), "teacher_grid": teacher.grid,
-                "student_grid": s_grid, "dtype": "float16"}
+    print(
+        f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {hidden} "
+        f"-> about {units * len(layers) * hidden * 2 / 1e9:.2f} GB on disk (fp16)"
+    )
+    manifest = {
+        "teacher": str(a.teacher),
+        "layers": layers,
+        "normalisation": "layernorm",
+        "hidden_size": hidden,
+        "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
+        "teacher_grid": teacher.grid,
+        "student_grid": s_grid,
+        "dtype": "float16",
+    }
     writer = CacheWriter(a.out, manifest, a.per_shard)
     shards = [plans[i : i + a.per_shard] for i in range(0, len(plans), a.per_shard)]
     bar = tqdm(total=len(plans), desc="extract", unit="sample")

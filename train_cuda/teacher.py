@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +33,6 @@ class Teacher:
 
     @classmethod
     def load(cls, path: str, dtype: str | None = None, load_4bit: bool = False) -> Teacher:
-        import torch
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
         from bonsai_mlx.loading import resolve
@@ -54,8 +52,11 @@ class Teacher:
                 from transformers import BitsAndBytesConfig
 
                 kw["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch_dtype, llm_int8_skip_modules=["lm_head", "multi_modal_projector"],
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch_dtype,
+                    llm_int8_skip_modules=["lm_head", "multi_modal_projector"],
                 )
         model = LlavaForConditionalGeneration.from_pretrained(str(d), **kw).eval()
         tok = AutoTokenizer.from_pretrained(str(d))
@@ -122,6 +123,3 @@ def answer_spans(text: str, answers: list[str]) -> list[tuple[int, int]]:
 
 def student_image_positions(ids: list[int], image_token_id: int) -> list[int]:
     return [i for i, t in enumerate(ids) if t == image_token_id]
-
-
-

@@ -23,18 +23,43 @@ def data(tmp_path):
     recs = []
     for i in range(5):
         image(i, size=(60, 40)).save(tmp_path / "img" / f"{i}.png")
-        recs.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the square?"},
-            {"from": "gpt", "value": "The square is red and the triangle is blue."}]})
+        recs.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the square?"},
+                    {"from": "gpt", "value": "The square is red and the triangle is blue."},
+                ],
+            }
+        )
     recs.append({"id": "t", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]})
     (tmp_path / "d.json").write_text(json.dumps(recs))
     return tmp_path
 
 
 def _extract(teacher_dir, pico_dir, data, out, *extra):
-    return extract(["--teacher", str(teacher_dir), "--data", str(data / "d.json"), "--image-root", str(data / "img"),
-                    "--student-tokenizer", str(pico_dir), "--layers", "-1,1", "--out", str(out), "--per-shard", "2",
-                    "--batch-size", "2", *extra])
+    return extract(
+        [
+            "--teacher",
+            str(teacher_dir),
+            "--data",
+            str(data / "d.json"),
+            "--image-root",
+            str(data / "img"),
+            "--student-tokenizer",
+            str(pico_dir),
+            "--layers",
+            "-1,1",
+            "--out",
+            str(out),
+            "--per-shard",
+            "2",
+            "--batch-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys):
@@ -88,6 +113,22 @@ def test_mismatched_student_tokenizer_is_refused(teacher_dir, pico_dir, data, tm
     with pytest.raises(ValueError, match="different student tokenizer"):
         CacheReader(tmp_path / "cache", other)
     with pytest.raises(SystemExit):
-        extract(["--teacher", str(teacher_dir), "--data", str(data / "d.json"), "--image-root", str(data / "img"),
-                 "--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache"), "--per-shard", "2"])
+        extract(
+            [
+                "--teacher",
+                str(teacher_dir),
+                "--data",
+                str(data / "d.json"),
+                "--image-root",
+                str(data / "img"),
+                "--student-tokenizer",
+                str(pico_dir),
+                "--layers",
+                "-1",
+                "--out",
+                str(tmp_path / "cache"),
+                "--per-shard",
+                "2",
+            ]
+        )
     assert "made with different 'layers'" in capsys.readouterr().err

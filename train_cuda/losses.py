@@ -1,0 +1,46 @@
+"""The distillation loss in PyTorch: the same definition and numbers as `bonsai_mlx.distill`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Aligners(nn.Module):
+    def __init__(self, pairs: list[tuple[int, int]], d_student: int, d_teacher: int):
+        super().__init__()
+        self.pairs = pairs
+        self.student_layers = [s for _, s in pairs]
+        self.proj = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in pairs)
+
+
+def feature_loss(aligners: Aligners, states: dict[int, torch.Tensor], d: dict) -> torch.Tensor:
+    """Mean over matched layers of MSE(teacher, LayerNorm(Proj(h_student))), text and image units equally."""
+    total = 0.0
+    for i, (t_layer, s_layer) in enumerate(aligners.pairs):
+        h = states[s_layer].reshape(-1, states[s_layer].shape[-1])
+        terms = []
+        for kind in ("text", "image"):
+            pos = d.get(f"{kind}_pos")
+            if pos is None or pos.numel() == 0:
+                continue
+            x = aligners.proj[i](h[pos].float())
+            pred = F.layer_norm(x, x.shape[-1:], eps=1e-5)
+            terms.append(((pred - d[f"{kind}_{t_layer}"].float()) ** 2).mean())
+        if terms:
+            total = total + sum(terms) / len(terms)
+    return total / len(aligners.pairs)
+
+
+def ce_at(logits_fn, h: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy computing the LM head only at supervised positions."""
+    hs = h.reshape(-1, h.shape[-1])[positions]
+    return F.cross_entropy(logits_fn(hs).float(), targets, reduction="mean")
+
+
+def distill_loss(
+    ce: torch.Tensor, feat: torch.Tensor, alpha: float, alpha_end: float | None, frac: float
+) -> torch.Tensor:
+    a = alpha if alpha_end is None else alpha + (alpha_end - alpha) * frac
+    return (1 - a) * ce + a * feat
