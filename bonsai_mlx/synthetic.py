@@ -107,7 +107,8 @@ def corpus() -> list[str]:
         question([Item(k, c, p)], t, random.Random(i))
         for i, (k, c, p, t) in enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)
     ]
-    return [f"{q} {a}" for q, a in qs] + words + ["What shape is the object? How many shapes are there? Where is it?"]
+    chat = ["user", "assistant", "system", "You are a helpful assistant."]
+    return [f"{q} {a}" for q, a in qs] + words + chat + ["What shape is the object? How many shapes are there?"]
 
 
 def export(out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48) -> tuple[Path, Path]:

@@ -18,13 +18,14 @@ from bonsai_mlx.trainer import STAGES, TrainConfig
 # The embedded default: sized to reach >= 90% held-out exact match within minutes on 2 CPU cores.
 DEFAULT = dict(
     stage="full",
+    group_by_length=False,
     batch_size=32,
-    lr=2e-3,
+    lr=1e-3,
     warmup=100,
-    max_steps=1200,
+    max_steps=2400,
     weight_decay=0.01,
     max_length=128,
-    eval_every=200,
+    eval_every=400,
     save_every=400,
     log_every=20,
     out="runs/shapes",

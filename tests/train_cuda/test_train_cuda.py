@@ -1,0 +1,131 @@
+"""train_cuda.sft / distill on the CPU (float32, no NF4/FA2), and their outputs read by bonsai_mlx."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import image, make_teacher
+
+from bonsai_mlx import loading
+from convert.__main__ import main as convert
+
+
+@pytest.fixture(scope="module")
+def setup(pico_dir, tmp_path_factory):
+    from train_cuda.extract import main as extract
+
+    root = tmp_path_factory.mktemp("cuda")
+    (root / "img").mkdir()
+    recs = []
+    for i in range(8):
+        image(i).save(root / "img" / f"{i}.png")
+        recs.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": "a green circle on the left and a small yellow square."},
+                ],
+            }
+        )
+    (root / "d.json").write_text(json.dumps(recs))
+    extract(
+        [
+            "--teacher",
+            str(make_teacher(root / "teacher")),
+            "--data",
+            str(root / "d.json"),
+            "--image-root",
+            str(root / "img"),
+            "--student-tokenizer",
+            str(pico_dir),
+            "--layers",
+            "-1,1",
+            "--out",
+            str(root / "cache"),
+        ]
+    )
+    return root
+
+
+def _common(pico_dir, root, out):
+    return [
+        "--student",
+        str(pico_dir),
+        "--data",
+        str(root / "d.json"),
+        "--image-root",
+        str(root / "img"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--lora-rank",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--no-grad-checkpoint",
+    ]
+
+
+def test_distill_on_cpu_lowers_feature_loss_and_exports_for_mlx(pico_dir, setup, tmp_path, capsys):
+    from train_cuda.distill import main as distill
+
+    out = tmp_path / "run"
+    assert (
+        distill(
+            [
+                *_common(pico_dir, setup, out),
+                "--teacher-cache",
+                str(setup / "cache"),
+                "--alpha",
+                "0.9",
+                "--layer-map",
+                "-1:-1,1:1",
+                "--max-steps",
+                "12",
+            ]
+        )
+        == 0
+    )
+    assert "no CUDA device: float32" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean([r["feat"] for r in rows[-3:]]) < 0.8 * np.mean([r["feat"] for r in rows[:3]])
+    final = out / "checkpoints" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "projector.safetensors").is_file()
+    assert convert(["fuse", str(pico_dir), str(out), str(tmp_path / "fused")]) == 0
+    fused, _ = loading.load(tmp_path / "fused")
+    assert np.isfinite(np.array(fused(mx.array([[3, 4, 5]])))).all()
+
+
+def test_sft_adapter_gives_the_same_logits_in_pytorch_and_mlx(pico_dir, setup, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from bonsai_mlx.lora import load_adapter
+    from train_cuda.sft import main as sft
+
+    out = tmp_path / "sft"
+    assert sft([*_common(pico_dir, setup, out), "--max-steps", "3"]) == 0
+    final = out / "checkpoints" / "final"
+    ref = LlavaForConditionalGeneration.from_pretrained(str(pico_dir), dtype=torch.float32)
+    ref.load_state_dict(load_file(str(final / "projector.safetensors")), strict=False)
+    ref = PeftModel.from_pretrained(ref, str(final)).eval()
+    ids = [[3, 4, 5, 6, 7]]
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids)).logits[0].numpy()
+    model, _ = loading.load(pico_dir)
+    load_adapter(model, final)
+    model.eval()
+    ours = np.array(model(mx.array(ids))[0])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
