@@ -23,7 +23,7 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     from bonsai_mlx.data import Example, collate
     from bonsai_mlx.processing import Processor
     from bonsai_mlx.runner import quantize_base
-    from bonsai_mlx.trainer import Trainer, TrainConfig, setup_trainable
+    from bonsai_mlx.trainer import TrainConfig, Trainer, setup_trainable
 
     d = random_pico()
     model, cfg = loading.load(d)
