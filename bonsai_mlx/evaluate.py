@@ -1,18 +1,146 @@
-"""Greedy predictions over LLaVA-format eval records."""
+"""python -m bonsai_mlx.evaluate: greedy answers over an eval set, metrics overall and per question type.
+
+Predictions are appended to a JSONL file as they are produced, so an interrupted run resumes where it
+stopped. Metrics: VQA-normalised accuracy (vqa), POPE-style yes/no (yesno), ROUGE-L (rouge), BLEU-4
+(bleu). CIDEr and METEOR are not offered: their reference tools need Java or downloaded data.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
 from bonsai_mlx.generate import ChatSession, Sampling
+from bonsai_mlx.metrics import bleu4, pope, rouge_l, vqa_accuracy, yes_no
+
+METRICS = ("vqa", "yesno", "rouge", "bleu")
+
+
+def qa_of(rec: dict) -> dict:
+    """{id, question, answers, image, type} from a LLaVA conversation or a question/answer record."""
+    if "conversations" in rec:
+        conv = rec["conversations"]
+        q = next(t["value"] for t in conv if t.get("from") in ("human", "user"))
+        a = next(t["value"] for t in conv if t.get("from") in ("gpt", "assistant"))
+        answers = [a]
+    else:
+        q, a = rec["question"], rec["answer"] if "answer" in rec else rec["answers"]
+        answers = a if isinstance(a, list) else [a]
+    return {
+        "id": str(rec.get("id", q)),
+        "question": q.replace("<image>", "").strip(),
+        "answers": answers,
+        "image": rec.get("image"),
+        "type": rec.get("type", rec.get("question_type")),
+    }
+
+
+def predict(model, proc, qa: dict, image_root: str | None, max_tokens: int) -> str:
+    img = qa["image"]
+    path = str(Path(image_root) / img) if img and image_root else img
+    chunks = list(ChatSession(model, proc).ask(qa["question"], path, Sampling(max_tokens=max_tokens)))
+    return "".join(c.text for c in chunks).strip()
 
 
 def predict_records(model, proc, records: list[dict], image_root: str | None, max_tokens: int = 32) -> list[str]:
-    out = []
-    for rec in records:
-        q = rec["conversations"][0]["value"].replace("<image>", "").strip()
-        img = rec.get("image")
-        path = str(Path(image_root) / img) if img and image_root else img
-        chunks = list(ChatSession(model, proc).ask(q, path, Sampling(max_tokens=max_tokens)))
-        out.append("".join(c.text for c in chunks))
+    return [predict(model, proc, qa_of(r), image_root, max_tokens) for r in records]
+
+
+def score(rows: list[dict], metrics=METRICS) -> dict:
+    out: dict = {"n": len(rows)}
+    if not rows:
+        return out
+    if "vqa" in metrics:
+        out["vqa"] = sum(vqa_accuracy(r["prediction"], r["answers"]) for r in rows) / len(rows)
+        types = sorted({r["type"] for r in rows if r.get("type")})
+        if types:
+            by = {t: [r for r in rows if r.get("type") == t] for t in types}
+            out["vqa_by_type"] = {
+                t: sum(vqa_accuracy(r["prediction"], r["answers"]) for r in rs) / len(rs) for t, rs in by.items()
+            }
+    if "yesno" in metrics:
+        yn = [r for r in rows if yes_no(r["answers"][0]) is not None]
+        if yn:
+            out["yesno"] = pope([r["prediction"] for r in yn], [r["answers"][0] for r in yn]) | {"n": len(yn)}
+    if "rouge" in metrics:
+        out["rouge_l"] = sum(max(rouge_l(r["prediction"], a) for a in r["answers"]) for r in rows) / len(rows)
+    if "bleu" in metrics:
+        out["bleu4"] = bleu4([r["prediction"] for r in rows], [r["answers"] for r in rows])
     return out
+
+
+def table(s: dict) -> str:
+    lines = ["| metric | value |", "|---|---|", f"| samples | {s['n']} |"]
+    for k in ("vqa", "rouge_l", "bleu4"):
+        if k in s:
+            lines.append(f"| {k} | {s[k]:.4f} |")
+    for t, v in s.get("vqa_by_type", {}).items():
+        lines.append(f"| vqa / {t} | {v:.4f} |")
+    for k, v in s.get("yesno", {}).items():
+        lines.append(f"| yes/no {k} | {v:.4f} |" if isinstance(v, float) else f"| yes/no {k} | {v} |")
+    return "\n".join(lines)
+
+
+def evaluate(
+    model,
+    proc,
+    records: list[dict],
+    out: Path,
+    image_root: str | None = None,
+    max_tokens: int = 32,
+    metrics=METRICS,
+    progress: bool = True,
+) -> dict:
+    from tqdm import tqdm
+
+    qas = [qa_of(r) for r in records]
+    done = {}
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["id"]] = row
+    todo = [q for q in qas if q["id"] not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        for qa in tqdm(todo, desc="evaluate", disable=not progress, initial=len(qas) - len(todo), total=len(qas)):
+            row = {**qa, "prediction": predict(model, proc, qa, image_root, max_tokens)}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done[qa["id"]] = row
+    return score([done[q["id"]] for q in qas], metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bonsai_mlx.evaluate", description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="LLaVA conversation JSON/JSONL or question/answer records")
+    ap.add_argument("--image-root")
+    ap.add_argument("--out", default="preds.jsonl", help="predictions, appended as produced (resumes)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
+    ap.add_argument("--limit", type=int, help="only the first N records")
+    a = ap.parse_args(argv)
+    from bonsai_mlx.data import read_records
+    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.generate import load
+    from bonsai_mlx.io import atomic_write_text
+
+    with friendly("evaluate"):
+        metrics = tuple(m for m in a.metrics.split(",") if m)
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
+        model, proc = load(a.model)
+        s = evaluate(model, proc, read_records(a.data)[: a.limit], Path(a.out), a.image_root, a.max_tokens, metrics)
+        summary = Path(a.out).with_suffix(".summary.json")
+        atomic_write_text(summary, json.dumps(s, indent=2))
+        print(table(s))
+        print(f"predictions: {a.out}; summary: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -152,13 +152,13 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
 def accuracy(model, proc, data: str, image_root: str | None, limit: int | None = None) -> dict[str, float]:
     """Greedy exact match per question type (records carry a 'type')."""
     from bonsai_mlx.evaluate import predict_records
+    from bonsai_mlx.metrics import vqa_normalize
 
     recs = read_records(data)[:limit]
     preds = predict_records(model, proc, recs, image_root, max_tokens=8)
     by: dict[str, list[bool]] = {}
     for rec, pred in zip(recs, preds, strict=True):
-        gold = rec["conversations"][1]["value"].strip().lower()
-        ok = pred.strip().lower() == gold
+        ok = vqa_normalize(pred) == vqa_normalize(rec["conversations"][1]["value"])
         by.setdefault(rec.get("type", "all"), []).append(ok)
         by.setdefault("overall", []).append(ok)
     return {k: sum(v) / len(v) for k, v in sorted(by.items())}

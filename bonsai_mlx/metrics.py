@@ -1,0 +1,114 @@
+"""Answer metrics: VQA-normalised exact match, POPE-style yes/no, ROUGE-L and BLEU-4 (pure Python)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+_COMMA_NUM = re.compile(r"(\d),(\d)")
+
+
+def vqa_normalize(s: str) -> str:
+    """The VQAv2 answer normalisation: case, punctuation, number words, articles, spacing."""
+    s = s.replace("\n", " ").replace("\t", " ").strip().lower()
+    s = _COMMA_NUM.sub(r"\1\2", s)
+    s = _PUNCT.sub(" ", s).replace("'", "")
+    s = _PERIOD.sub("", s)
+    words = [_NUMBERS.get(w, w) for w in s.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(pred: str, golds: list[str]) -> float:
+    """VQA accuracy: min(#humans who gave the answer / 3, 1); with one gold answer, exact match."""
+    p = vqa_normalize(pred)
+    hits = sum(vqa_normalize(g) == p for g in golds)
+    return min(1.0, hits / 3) if len(golds) >= 3 else float(hits > 0)
+
+
+def yes_no(pred: str) -> str | None:
+    w = vqa_normalize(pred).split()
+    return w[0] if w and w[0] in ("yes", "no") else None
+
+
+def pope(preds: list[str], golds: list[str]) -> dict[str, float]:
+    """Accuracy, precision/recall/F1 for 'yes', and the share of 'yes' answers."""
+    p = [yes_no(x) == "yes" for x in preds]
+    g = [yes_no(x) == "yes" for x in golds]
+    tp = sum(a and b for a, b in zip(p, g, strict=True))
+    fp = sum(a and not b for a, b in zip(p, g, strict=True))
+    fn = sum(b and not a for a, b in zip(p, g, strict=True))
+    n = len(preds)
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    acc = sum(a == b for a, b in zip(p, g, strict=True)) / n if n else 0.0
+    return {
+        "accuracy": acc,
+        "precision": prec,
+        "recall": rec,
+        "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "yes_ratio": sum(p) / n if n else 0.0,
+    }
+
+
+def _tokens(s: str) -> list[str]:
+    return re.findall(r"\w+", s.lower())
+
+
+def rouge_l(pred: str, ref: str, beta: float = 1.0) -> float:
+    """ROUGE-L F-measure from the longest common subsequence of word tokens (beta=1 as rouge-score; COCO uses 1.2)."""
+    a, b = _tokens(pred), _tokens(ref)
+    if not a or not b:
+        return 0.0
+    dp = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            cur = dp[j]
+            dp[j] = prev + 1 if x == y else max(dp[j], dp[j - 1])
+            prev = cur
+    lcs = dp[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
+
+
+def bleu4(preds: list[str], refs: list[list[str]]) -> float:
+    """Corpus BLEU-4 (uniform weights, brevity penalty, no smoothing), as in Papineni et al."""
+    match, total = [0] * 4, [0] * 4
+    hyp_len = ref_len = 0
+    for p, rs in zip(preds, refs, strict=True):
+        h = _tokens(p)
+        toks = [_tokens(r) for r in rs]
+        hyp_len += len(h)
+        ref_len += min((len(t) for t in toks), key=lambda n: (abs(n - len(h)), n))
+        for n in range(1, 5):
+            hc = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+            best: Counter = Counter()
+            for t in toks:
+                best |= Counter(tuple(t[i : i + n]) for i in range(len(t) - n + 1))
+            match[n - 1] += sum(min(c, best[g]) for g, c in hc.items())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if min(match) == 0 or hyp_len == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total, strict=True)) / 4
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return bp * math.exp(log_p)

@@ -1,0 +1,122 @@
+import pytest
+
+from bonsai_mlx.metrics import bleu4, pope, rouge_l, vqa_accuracy, vqa_normalize
+
+
+def test_vqa_normalisation():
+    assert vqa_normalize("  Two Dogs! ") == "2 dogs"
+    assert vqa_normalize("The red square.") == "red square"
+    assert vqa_normalize("1,000") == "1000" and vqa_normalize("3.5") == "3.5"
+    assert vqa_normalize("top-right") == "top right"
+
+
+def test_vqa_accuracy_single_and_human_answers():
+    assert vqa_accuracy("Two", ["2"]) == 1.0 and vqa_accuracy("three", ["2"]) == 0.0
+    assert vqa_accuracy("red", ["red", "red", "blue", "red"]) == 1.0
+    assert vqa_accuracy("blue", ["red", "red", "blue", "red"]) == pytest.approx(1 / 3)
+
+
+def test_pope_by_hand():
+    preds = ["Yes", "yes", "no", "no", "Yes, there is."]
+    golds = ["yes", "no", "no", "yes", "yes"]
+    m = pope(preds, golds)
+    # tp=2 (1st, 5th), fp=1 (2nd), fn=1 (4th), tn=1
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["yes_ratio"] == pytest.approx(3 / 5)
+
+
+def test_rouge_l_by_hand():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = 5 (the cat on the mat); P=R=5/6
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("", "x") == 0.0
+
+
+def test_bleu4_identity_and_by_hand():
+    assert bleu4(["a b c d e"], [["a b c d e"]]) == pytest.approx(1.0)
+    # hyp "a b c d e f" vs ref "a b c d e g": p1=5/6 p2=4/5 p3=3/4 p4=2/3, same length -> BP=1
+    expected = (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25
+    assert bleu4(["a b c d e f"], [["a b c d e g"]]) == pytest.approx(expected)
+    assert bleu4(["x y"], [["a b c d"]]) == 0.0
+
+
+SENTS = [
+    ("a green circle on the left", "a green circle is on the left side"),
+    ("three shapes: a red square and two circles", "there are three shapes, a red square and two blue circles"),
+    ("yes", "no"),
+    ("the yellow triangle is at the top right", "the yellow triangle sits top right"),
+]
+
+
+def test_rouge_l_matches_rouge_score():
+    from rouge_score import rouge_scorer
+
+    ref = rouge_scorer.RougeScorer(["rougeL"])
+    for p, r in SENTS:
+        assert rouge_l(p, r) == pytest.approx(ref.score(r, p)["rougeL"].fmeasure, abs=1e-9)
+
+
+def test_bleu4_matches_sacrebleu():
+    import sacrebleu
+
+    preds = [p for p, _ in SENTS[:2] + SENTS[3:]]
+    refs = [r for _, r in SENTS[:2] + SENTS[3:]]
+    ours = bleu4(preds, [[r] for r in refs])
+    theirs = (
+        sacrebleu.corpus_bleu(
+            [" ".join(p.lower().replace(",", " ").replace(":", " ").split()) for p in preds],
+            [[" ".join(r.lower().replace(",", " ").replace(":", " ").split()) for r in refs]],
+            tokenize="none",
+            smooth_method="none",
+        ).score
+        / 100
+    )
+    assert ours == pytest.approx(theirs, abs=1e-9)
+
+
+def test_evaluate_cli_writes_predictions_and_resumes(pico_dir, tmp_path, capsys):
+    import json
+
+    from helpers import image
+
+    from bonsai_mlx.evaluate import main
+
+    (tmp_path / "img").mkdir()
+    recs = []
+    for i, (q, a, t) in enumerate(
+        [
+            ("Is there a red square?", "yes", "yesno"),
+            ("What colour is it?", "red", "colour"),
+            ("Is there a circle?", "no", "yesno"),
+        ]
+    ):
+        image(i).save(tmp_path / "img" / f"{i}.png")
+        recs.append(
+            {
+                "id": f"q{i}",
+                "image": f"{i}.png",
+                "type": t,
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+            }
+        )
+    (tmp_path / "e.json").write_text(json.dumps(recs))
+    args = [
+        "--model",
+        str(pico_dir),
+        "--data",
+        str(tmp_path / "e.json"),
+        "--image-root",
+        str(tmp_path / "img"),
+        "--out",
+        str(tmp_path / "p.jsonl"),
+        "--max-tokens",
+        "3",
+    ]
+    assert main([*args, "--limit", "2"]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+    first = (tmp_path / "p.jsonl").read_text()
+    assert main(args) == 0
+    text = (tmp_path / "p.jsonl").read_text()
+    assert text.startswith(first) and len(text.splitlines()) == 3  # resumed: only the missing one was added
+    s = json.loads((tmp_path / "p.summary.json").read_text())
+    assert s["n"] == 3 and set(s["vqa_by_type"]) == {"colour", "yesno"} and s["yesno"]["n"] == 2
+    assert "| vqa |" in capsys.readouterr().out
