@@ -62,6 +62,8 @@ def _stream(conv: Conversation, registry, chunks) -> Iterator[list[dict]]:
                     f"TTFT {s.ttft_s:.2f} s · {s.decode_tps:.1f} tok/s · {s.generated_tokens} tokens · "
                     f"peak {s.peak_memory_gb:.2f} GB"
                 )
+                # shown under the answer itself (the session keeps the plain answer text)
+                conv.history[-1]["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
             yield conv.history
 
 

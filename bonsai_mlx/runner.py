@@ -23,13 +23,14 @@ def make_default_model(out: Path, image_size: int, seed: int) -> Path:
 
     if (out / "config.json").is_file():
         return out
+    # 12px patches: a 4x4 grid, 2x2 patches per quadrant the shapes sit in; 16 image tokens keep steps cheap.
     vision = VisionConfig(
-        hidden_size=96,
-        intermediate_size=384,
+        hidden_size=128,
+        intermediate_size=512,
         num_hidden_layers=3,
         num_attention_heads=4,
         image_size=image_size,
-        patch_size=8,
+        patch_size=12,
         vision_use_head=False,
     )
     text = TextConfig(
@@ -143,7 +144,7 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         lines += [
             "chat with it:",
             f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} "
-            "--prompt 'What colour is the circle?'",
+            "--prompt 'What colour is the shape at the top left?'",
             f"  python -m app --model {out / 'model'}",
         ]
     return lines

@@ -1,7 +1,8 @@
 """The built-in visual-QA task: shapes drawn with PIL, questions with one-word answers.
 
 Seeded and reproducible. Each image holds 1-3 shapes (distinct kinds and colours) in distinct
-quadrants; questions ask for colour, shape, count, position or yes/no. Doubles as sample data
+quadrants; questions ask for the colour or shape at a place, the count, where a colour is, or
+whether a colour is present (yes/no). Doubles as sample data
 for every command (`python -m bonsai_mlx.train --export DIR`).
 """
 
@@ -50,40 +51,58 @@ def draw(items: list[Item], size: int, rng: random.Random) -> Image.Image:
 
 
 def question(items: list[Item], qtype: str, rng: random.Random) -> tuple[str, str]:
+    """Colour and shape are asked of a place, position of a colour (colours are distinct in an image)."""
     it = rng.choice(items)
     if qtype == "colour":
-        return f"What colour is the {it.kind}?", it.colour
+        return f"What colour is the shape at the {it.cell}?", it.colour
     if qtype == "shape":
-        return f"What shape is the {it.colour} object?", it.kind
+        return f"What shape is at the {it.cell}?", it.kind
     if qtype == "count":
         return "How many shapes are there?", NUMBERS[len(items)]
     if qtype == "position":
-        return f"Where is the {it.colour} {it.kind}?", it.cell
+        return f"Where is the {it.colour} shape?", it.cell
     if rng.random() < 0.5:
-        return f"Is there a {it.colour} {it.kind}?", "yes"
-    present = {(i.colour, i.kind) for i in items}
-    while True:
-        c, k = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        if (c, k) not in present:
-            return f"Is there a {c} {k}?", "no"
+        return f"Is there a {it.colour} shape?", "yes"
+    absent = [c for c in COLOURS if c not in {i.colour for i in items}]
+    return f"Is there a {rng.choice(absent)} shape?", "no"
 
 
-def sample(index: int, seed: int, size: int = 48) -> dict:
-    """Sample `index` of the task with `seed`: {id, image (PIL), question, answer, type}."""
+def caption(items: list[Item]) -> str:
+    """Where everything is, in reading order: dense supervision that teaches the model to look."""
+    order = sorted(items, key=lambda i: (CELLS[i.cell][1], CELLS[i.cell][0]))
+    return " and ".join(f"a {i.colour} {i.kind} at the {i.cell}" for i in order) + "."
+
+
+def sample(index: int, seed: int, size: int = 48, caption_share: float = 0.0) -> dict:
+    """Sample `index` of the task with `seed`: {id, image (PIL), question, answer, type}.
+
+    With `caption_share`, that fraction of samples asks for a description instead (LLaVA's stage-1
+    caption data, mixed in): every word of it depends on the image, so the model learns to look.
+    """
     rng = random.Random(f"{seed}-{index}")
     n = rng.randint(1, 3)
     kinds = rng.sample(SHAPES, n)
     colours = rng.sample(list(COLOURS), n)
     cells = rng.sample(list(CELLS), n)
     items = [Item(k, c, p) for k, c, p in zip(kinds, colours, cells, strict=True)]
+    if caption_share and rng.random() < caption_share:
+        return {
+            "id": f"shapes-{seed}-{index}",
+            "image": draw(items, size, rng),
+            "question": "Describe the image.",
+            "answer": caption(items),
+            "type": "caption",
+        }
     qtype = QTYPES[index % len(QTYPES)]
     q, a = question(items, qtype, rng)
     return {"id": f"shapes-{seed}-{index}", "image": draw(items, size, rng), "question": q, "answer": a, "type": qtype}
 
 
-def split(n_train: int, n_eval: int, seed: int = 0, size: int = 48) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out samples (different index ranges of the same generator)."""
-    train = [sample(i, seed, size) for i in range(n_train)]
+def split(
+    n_train: int, n_eval: int, seed: int = 0, size: int = 48, caption_share: float = 0.0
+) -> tuple[list[dict], list[dict]]:
+    """Disjoint train / held-out samples (different index ranges of the same generator); held-out is QA only."""
+    train = [sample(i, seed, size, caption_share) for i in range(n_train)]
     held = [sample(10_000_000 + i, seed, size) for i in range(n_eval)]
     return train, held
 
@@ -107,15 +126,17 @@ def corpus() -> list[str]:
         question([Item(k, c, p)], t, random.Random(i))
         for i, (k, c, p, t) in enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)
     ]
-    chat = ["user", "assistant", "system", "You are a helpful assistant."]
+    chat = ["user", "assistant", "system", "You are a helpful assistant.", "Describe the image.", "at the", "and"]
     return [f"{q} {a}" for q, a in qs] + words + chat + ["What shape is the object? How many shapes are there?"]
 
 
-def export(out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48) -> tuple[Path, Path]:
+def export(
+    out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48, caption_share: float = 0.0
+) -> tuple[Path, Path]:
     """Write train.json / eval.json (LLaVA format) and images/*.png. Returns the two JSON paths."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    train, held = split(n_train, n_eval, seed, size)
+    train, held = split(n_train, n_eval, seed, size, caption_share)
     paths = []
     for name, rows in (("train", train), ("eval", held)):
         recs = []

@@ -20,7 +20,7 @@ DEFAULT = dict(
     stage="full",
     group_by_length=False,
     batch_size=32,
-    lr=1e-3,
+    lr=5e-4,
     warmup=100,
     max_steps=2400,
     weight_decay=0.01,
@@ -118,7 +118,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if not args.resume and "model" not in d and "data" not in d:
         d = {**DEFAULT, **d}
         if args.quick:
-            d.update(max_steps=50, eval_every=0, save_every=0, log_every=1, out=d.get("out", "runs/shapes-quick"))
+            d.update(max_steps=50, warmup=10, eval_every=0, save_every=0, log_every=1)
+            if "out" not in vars(args):
+                d["out"] = "runs/shapes-quick"
     return TrainConfig.from_dict(d)
 
 

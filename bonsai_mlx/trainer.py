@@ -154,9 +154,12 @@ class Trainer:
     ):
         self.cfg, self.model, self.proc, self.train, self.eval_ds = cfg, model, processor, train, evaluate
         self.extra_loss, self.extra, self.on_eval, self.augment = extra_loss, extra_params, on_eval, augment
+        # Under `mlx.launch` (MLX_RANK set) train data-parallel: shard the batches, average the gradients.
         self.group = mx.distributed.init() if os.environ.get("MLX_RANK") is not None else None
-        self.rank = self.group.rank() if self.group else 0
-        self.world = self.group.size() if self.group else 1
+        self.rank = self.group.rank() if self.group is not None else 0
+        self.world = self.group.size() if self.group is not None else 1
+        if self.world > 1 and self.rank == 0:
+            print(f"data-parallel over {self.world} processes")
         if not train.examples:
             raise ValueError("no usable training samples (" + train.summary() + ")")
         self.lengths = [len(e.ids) for e in train.examples]
@@ -343,7 +346,9 @@ class Trainer:
                     **aux,
                 }
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{t_tok / dt:.0f}", peak=f"{last['peak_gb']:.2f}GB")
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", tok_s=f"{t_tok / dt:.0f}", peak=f"{last['peak_gb']:.2f}GB", refresh=False
+                )
                 if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")

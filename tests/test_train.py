@@ -305,3 +305,47 @@ def test_embedded_default_quick_run_learns(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "held-out exact match" in text and "python -m bonsai_mlx.generate --model" in text
     assert (out / "model" / "config.json").is_file()
+
+
+def test_data_parallel_under_mlx_launch(pico_dir, data, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    out = tmp_path / "dp"
+    r = subprocess.run(
+        [
+            launcher,
+            "-n",
+            "2",
+            "--backend",
+            "ring",
+            sys.executable,
+            "-m",
+            "bonsai_mlx.train",
+            "--model",
+            str(pico_dir),
+            "--data",
+            str(data[0]),
+            "--image-root",
+            str(data[1]),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--log-every",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data-parallel over 2 processes" in r.stdout
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3  # only rank 0 writes
+    assert (out / "checkpoints" / "final" / "adapter_model.safetensors").is_file()

@@ -129,7 +129,7 @@ def train(a, distill: bool) -> dict:
             if feat is not None:
                 last["feat"] = feat.item()
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
             if acc.is_main_process and (step % a.log_every == 0 or step == total):
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(last) + "\n")

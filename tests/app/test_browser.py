@@ -80,6 +80,7 @@ def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
         page.wait_for_function("document.querySelector('#stats')?.innerText.includes('TTFT')", timeout=120_000)
         bubbles = page.locator("#chat .message")
         assert bubbles.count() >= 2
+        assert "TTFT" in page.inner_text("#chat")  # stats under the answer
         assert page.locator("#chat img").count() >= 1  # the uploaded image is shown in the conversation
         first_stats = page.inner_text("#stats")
         page.wait_for_selector("#input textarea:not([disabled])", timeout=60_000)

@@ -34,6 +34,8 @@ def test_new_conversation_streams_answer_with_stats(registry, img):
     assert [m["role"] for m in hist] == ["user", "user", "assistant"]
     assert hist[0]["content"] == {"path": img} and hist[1]["content"] == "what colour is the square?"
     assert len(steps) >= 3 and "TTFT" in conv.stats[-1] and "tok/s" in conv.stats[-1]
+    assert hist[-1]["content"].endswith(f"<sub>{conv.stats[-1]}</sub>")  # under the answer it belongs to
+    assert "<sub>" not in conv.session.messages[-1]["content"]
 
 
 def test_follow_up_reuses_the_cache(registry, img):
@@ -61,7 +63,8 @@ def test_regenerate_replaces_the_last_answer(registry, img):
     first = _drain(submit(conv, registry, "tiny", "where is the star?", img, Settings(max_tokens=5)))[-1]["content"]
     n = len(conv.history)
     again = _drain(regenerate(conv, registry, Settings(max_tokens=5)))
-    assert len(again) == n and again[-1]["content"] == first  # greedy: same answer, not appended twice
+    strip = lambda t: t.split("\n\n<sub>")[0]  # noqa: E731
+    assert len(again) == n and strip(again[-1]["content"]) == strip(first)  # greedy: same answer, not appended twice
 
 
 def test_regenerate_with_nothing_to_regenerate_is_friendly(registry):
