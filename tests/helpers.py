@@ -183,3 +183,25 @@ def make_teacher(out: Path, hidden: int = 48, image_size: int = 48, patch_size: 
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(cfg).eval().save_pretrained(str(out))
     return out
+
+
+def write_describe_data(root: Path, n: int = 8) -> tuple[Path, Path]:
+    """n LLaVA records asking to describe a random image, with PNGs: (json path, image dir)."""
+    import json
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        image(i).save(root / "img" / f"{i}.png")
+        recs.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": "a green circle on the left and a small yellow square."},
+                ],
+            }
+        )
+    (root / "d.json").write_text(json.dumps(recs))
+    return root / "d.json", root / "img"

@@ -62,39 +62,38 @@ def test_4bit_stays_close_to_float(tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "deq", ids, np.array(pv)), q, atol=1e-4)
 
 
-def test_init_assembles_a_pico_transformers_and_mlx_agree_on(tmp_path):
+def _sources(tmp_path, spare_rows: int, tied: bool):
+    """A SigLIP and a Qwen2 checkpoint (+ tokenizer without <image>) saved by transformers."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     from bonsai_mlx.tiny import write_image_processor
 
     sig = tmp_path / "siglip"
-    SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(str(sig))
+    vcfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    SiglipVisionModel(vcfg).save_pretrained(str(sig))
     write_image_processor(sig, 32)
     qwen = tmp_path / "qwen"
     tok = make_tokenizer(qwen, image_token=False)
     torch.manual_seed(0)
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok) + 8,
-            tie_word_embeddings=True,
-            rope_theta=5000.0,
-        )
-    ).save_pretrained(str(qwen))
+    tcfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok) + spare_rows,
+        tie_word_embeddings=tied,
+        rope_theta=5000.0,
+    )
+    Qwen2ForCausalLM(tcfg).save_pretrained(str(qwen))
+    return sig, qwen, tok
+
+
+def test_init_assembles_a_pico_transformers_and_mlx_agree_on(tmp_path):
+    sig, qwen, tok = _sources(tmp_path, spare_rows=8, tied=True)
     out = tmp_path / "pico"
     assert convert(["init", "--vision", str(sig), "--text", str(qwen), str(out), "--seed", "3"]) == 0
     model, cfg = loading.load(out)
@@ -108,37 +107,7 @@ def test_init_assembles_a_pico_transformers_and_mlx_agree_on(tmp_path):
 
 
 def test_init_grows_embedding_when_no_spare_rows(tmp_path):
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-
-    from bonsai_mlx.tiny import write_image_processor
-
-    sig = tmp_path / "siglip"
-    SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(str(sig))
-    write_image_processor(sig, 32)
-    qwen = tmp_path / "qwen"
-    tok = make_tokenizer(qwen, image_token=False)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(tok),
-            tie_word_embeddings=False,
-        )
-    ).save_pretrained(str(qwen))
+    sig, qwen, tok = _sources(tmp_path, spare_rows=0, tied=False)
     convert(["init", "--vision", str(sig), "--text", str(qwen), str(tmp_path / "p")])
     model, cfg = loading.load(tmp_path / "p")
     assert cfg.text.vocab_size == len(tok) + 1 and cfg.image_token_index == len(tok)

@@ -49,28 +49,14 @@ def test_layer_map():
 
 
 def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_path):
-    from helpers import image, make_teacher
+    from helpers import make_teacher, write_describe_data
 
     from bonsai_mlx import loading
     from bonsai_mlx.train import main as train
     from convert.__main__ import main as convert
     from train_cuda.extract import main as extract
 
-    (tmp_path / "img").mkdir()
-    recs = []
-    for i in range(8):
-        image(i).save(tmp_path / "img" / f"{i}.png")
-        recs.append(
-            {
-                "id": f"s{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image."},
-                    {"from": "gpt", "value": "a green circle on the left and a small yellow square."},
-                ],
-            }
-        )
-    (tmp_path / "d.json").write_text(json.dumps(recs))
+    write_describe_data(tmp_path)
     teacher = make_teacher(tmp_path / "teacher")
     extract(
         [

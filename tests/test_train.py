@@ -234,64 +234,27 @@ def test_bad_records_are_skipped_and_counted(pico_dir, data, tmp_path):
         Dataset.build(recs, proc, data[1], on_bad="error")
 
 
-def test_float16_training_stays_finite(pico_dir, data, tmp_path):
+def _cli(pico_dir, data, out, *extra):
+    """Run the training CLI on the fixture data; return its metrics rows."""
     from bonsai_mlx.train import main
 
-    out = tmp_path / "fp16"
-    main(
-        [
-            "--model",
-            str(pico_dir),
-            "--data",
-            str(data[0]),
-            "--image-root",
-            str(data[1]),
-            "--dtype",
-            "float16",
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--lr",
-            "1e-2",
-            "--log-every",
-            "1",
-            "--out",
-            str(out),
-        ]
+    base = ["--model", str(pico_dir), "--data", str(data[0]), "--image-root", str(data[1])]
+    main([*base, "--log-every", "1", "--out", str(out), *extra])
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_float16_training_stays_finite(pico_dir, data, tmp_path):
+    rows = _cli(
+        pico_dir, data, tmp_path / "fp16", "--dtype", "float16", "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2"
     )
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_qlora_trains_over_a_4bit_base(pico_dir, data, tmp_path):
-    from bonsai_mlx.train import main
-
-    out = tmp_path / "q"
-    main(
-        [
-            "--model",
-            str(pico_dir),
-            "--data",
-            str(data[0]),
-            "--image-root",
-            str(data[1]),
-            "--quantize-base",
-            "4",
-            "--max-steps",
-            "4",
-            "--batch-size",
-            "3",
-            "--lr",
-            "1e-2",
-            "--log-every",
-            "1",
-            "--out",
-            str(out),
-        ]
+    rows = _cli(
+        pico_dir, data, tmp_path / "q", "--quantize-base", "4", "--max-steps", "4", "--batch-size", "3", "--lr", "1e-2"
     )
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
 
 
 def test_embedded_default_quick_run_learns(tmp_path, capsys):

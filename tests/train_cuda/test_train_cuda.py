@@ -5,7 +5,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import image, make_teacher
+from helpers import make_teacher, write_describe_data
 
 from bonsai_mlx import loading
 from convert.__main__ import main as convert
@@ -16,21 +16,7 @@ def setup(pico_dir, tmp_path_factory):
     from train_cuda.extract import main as extract
 
     root = tmp_path_factory.mktemp("cuda")
-    (root / "img").mkdir()
-    recs = []
-    for i in range(8):
-        image(i).save(root / "img" / f"{i}.png")
-        recs.append(
-            {
-                "id": f"s{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image."},
-                    {"from": "gpt", "value": "a green circle on the left and a small yellow square."},
-                ],
-            }
-        )
-    (root / "d.json").write_text(json.dumps(recs))
+    write_describe_data(root)
     extract(
         [
             "--teacher",
