@@ -59,7 +59,8 @@ def _stream(conv: Conversation, registry, chunks) -> Iterator[list[dict]]:
             if chunk.stats:
                 s = chunk.stats
                 conv.stats.append(
-                    f"TTFT {s.ttft_s:.2f} s · {s.decode_tps:.1f} tok/s · {s.generated_tokens} tokens · "
+                    f"TTFT {s.ttft_s:.2f} s · {f'{s.decode_tps:.1f} tok/s' if s.generated_tokens > 1 else '- tok/s'} · "
+                    f"{s.generated_tokens} tokens · "
                     f"peak {s.peak_memory_gb:.2f} GB"
                 )
                 # shown under the answer itself (the session keeps the plain answer text)
