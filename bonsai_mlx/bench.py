@@ -62,14 +62,18 @@ def random_pico(out: Path = CACHE / "random-pico") -> Path:
 
 
 def variant_dir(base: Path, variant: str) -> Path:
+    """float | 8bit | 4bit (LM quantized) | 4bit-vision (the SigLIP linears too)."""
     if variant == "float":
         return base
-    bits = {"8bit": 8, "4bit": 4}[variant]
+    kinds = {"8bit": (8, False), "4bit": (4, False), "4bit-vision": (4, True)}
+    if variant not in kinds:
+        raise ValueError(f"--variants: unknown {variant!r} (choose from float, {', '.join(kinds)})")
+    bits, vision = kinds[variant]
     d = base.with_name(f"{base.name}-{variant}")
     if not (d / "config.json").is_file():
         from convert.hf_mlx import to_mlx
 
-        to_mlx(base, d, dtype="float16", bits=bits)
+        to_mlx(base, d, dtype="float16", bits=bits, quantize_vision=vision)
     return d
 
 
@@ -199,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Pico directory (benchmarked as is)")
     src.add_argument("--random", choices=["pico"], help="build the full-size Pico with random weights (cached)")
-    ap.add_argument("--variants", default="float,8bit,4bit", help="with --random: float,8bit,4bit")
+    ap.add_argument(
+        "--variants", default="float,8bit,4bit,4bit-vision", help="with --random: any of float, 8bit, 4bit, 4bit-vision"
+    )
     ap.add_argument(
         "--compare",
         action="append",

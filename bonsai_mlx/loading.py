@@ -83,14 +83,17 @@ def load(path: str | Path, dtype: mx.Dtype | None = None, lazy: bool = False) ->
     if config.quantization:
         from bonsai_mlx.quantize import apply_quantization
 
-        apply_quantization(model, config.quantization, has_scales=lambda p: f"{p}.scales" in weights)
+        scaled = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
+        apply_quantization(model, config.quantization, has_scales=scaled.__contains__)
     check_weights(model, weights, d)
     model.load_weights(list(weights.items()), strict=True)
+    del weights  # the file's arrays now live only in the (lazy) graph: each is freed once cast
     dtype = dtype or compute_dtype()
     if dtype is not None:
         cast_floats(model, dtype)
     if not lazy:
         mx.eval(model.parameters())
+        mx.clear_cache()  # load-time buffers back to the system
     model.eval()
     return model, config
 

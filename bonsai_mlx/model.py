@@ -85,6 +85,8 @@ class Pico(nn.Module):
                 h = nn.utils.checkpoint(layer, lambda x, layer=layer: layer(x, mask, None))(h)
             else:
                 h = layer(h, mask, c)
+                if c is not None and h.shape[1] > DEQUANT_ROWS:
+                    mx.eval(h)  # prefill layer by layer: dequantized weights never pile up in one graph
             if i in keep_set and i != n:
                 kept[i] = h
         h = lm.norm(h)
