@@ -22,7 +22,7 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     from bonsai_mlx.bench import bench_image, peak_rss_gb, random_pico
     from bonsai_mlx.data import Example, collate
     from bonsai_mlx.processing import Processor
-    from bonsai_mlx.runner import quantize_base
+    from bonsai_mlx.quantize import quantize_base
     from bonsai_mlx.trainer import TrainConfig, Trainer, setup_trainable
 
     d = random_pico()

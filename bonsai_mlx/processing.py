@@ -96,7 +96,3 @@ class Processor:
         pil = [load_image(im) for im in images]
         out = self.image_processor(pil, return_tensors="np")["pixel_values"]
         return np.asarray(out, dtype=np.float32)
-
-
-def count_images(messages: list[Message]) -> int:
-    return sum(_text_of(m["content"]).count(IMAGE) for m in messages)

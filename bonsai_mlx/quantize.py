@@ -66,10 +66,25 @@ class HybridQuantizedLinear(nn.QuantizedLinear):
         return y + self.bias if "bias" in self else y
 
 
-def apply_quantization(model: nn.Module, qcfg: dict, has_scales: Callable[[str], bool]) -> None:
-    """Turn the layers that carry scales into quantized layers, before loading weights."""
-    nn.quantize(model, group_size=qcfg["group_size"], bits=qcfg["bits"], class_predicate=lambda p, m: has_scales(p))
+def quantize_modules(model: nn.Module, group_size: int, bits: int, predicate: Callable[[str, nn.Module], bool]) -> None:
+    """nn.quantize, then (on the CPU backend) the hybrid prefill/decode path for the linears."""
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
     if mx.default_device() == mx.cpu:
         for _, m in model.named_modules():
             if type(m) is nn.QuantizedLinear:
                 m.__class__ = HybridQuantizedLinear
+
+
+def apply_quantization(model: nn.Module, qcfg: dict, has_scales: Callable[[str], bool]) -> None:
+    """Turn the layers that carry scales into quantized layers, before loading weights."""
+    quantize_modules(model, qcfg["group_size"], qcfg["bits"], lambda p, m: has_scales(p))
+
+
+def quantize_base(model: nn.Module, bits: int, group_size: int = 64) -> None:
+    """QLoRA: freeze the LM's linears and embedding in `bits` (those whose width the group size divides)."""
+
+    def pred(path: str, m: nn.Module) -> bool:
+        ok = isinstance(m, (nn.Linear, nn.Embedding)) and quantizable(path + ".weight")
+        return ok and m.weight.shape[-1] % group_size == 0
+
+    quantize_modules(model, group_size, bits, pred)

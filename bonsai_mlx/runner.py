@@ -7,7 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from bonsai_mlx import loading, lora
 from bonsai_mlx.data import Dataset, read_records
@@ -46,24 +45,6 @@ def make_default_model(out: Path, image_size: int, seed: int) -> Path:
     return out
 
 
-def quantize_base(model, bits: int, group_size: int = 64) -> None:
-    """QLoRA: freeze the LM's linears in `bits` (those whose width the group size divides)."""
-    from bonsai_mlx.quantize import HybridQuantizedLinear, quantizable
-
-    def pred(path, m):
-        return (
-            isinstance(m, (nn.Linear, nn.Embedding))
-            and quantizable(path + ".weight")
-            and m.weight.shape[-1] % group_size == 0
-        )
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pred)
-    if mx.default_device() == mx.cpu:
-        for _, m in model.named_modules():
-            if type(m) is nn.QuantizedLinear:
-                m.__class__ = HybridQuantizedLinear
-
-
 def default_dtype(cfg: TrainConfig):
     if cfg.dtype:
         return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[cfg.dtype]
@@ -99,6 +80,8 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
     model, pcfg = loading.load(model_dir, dtype=default_dtype(cfg))
     proc = Processor(model_dir, pcfg)
     if cfg.quantize_base:
+        from bonsai_mlx.quantize import quantize_base
+
         quantize_base(model, cfg.quantize_base)
     setup_trainable(model, cfg)
     print(f"trainable parameters: {lora.trainable_count(model):,} ({cfg.stage})")
