@@ -190,6 +190,28 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
+class BatchSchedule:
+    """Micro-batch number -> sample indices, epoch after epoch, deterministic from the seed (so resume
+    is exact); each epoch's order is computed once, and rank r of `world` takes every world-th batch."""
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group: bool = True, rank: int = 0, world: int = 1
+    ):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.rank, self.world = rank, world
+        self.per_epoch = len(lengths) // batch_size // world
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(lengths)} samples cannot fill one batch of {batch_size} per process")
+        self._epoch, self._order = -1, []
+
+    def __getitem__(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            order = batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group)
+            self._epoch, self._order = epoch, order[self.rank :: self.world]
+        return self._order[i]
+
+
 @dataclass
 class Batch:
     input_ids: np.ndarray  # (B, L) int32, right-padded

@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from bonsai_mlx import lora
-from bonsai_mlx.data import Batch, Dataset, batch_order, collate, prefetch
+from bonsai_mlx.data import Batch, BatchSchedule, Dataset, collate, prefetch
 from bonsai_mlx.io import atomic_save_safetensors, atomic_write_text
 from bonsai_mlx.loading import hf_state
 from bonsai_mlx.model import Pico
@@ -133,7 +133,7 @@ def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
         model.load_weights(fp32, strict=False)
 
 
-def schedule(cfg: TrainConfig, total_steps: int) -> Callable:
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> Callable:
     warm = max(1, min(cfg.warmup, total_steps - 1))
     decay = optim.cosine_decay(cfg.lr, max(1, total_steps - warm), end=cfg.lr * 0.05)
     return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
@@ -162,15 +162,15 @@ class Trainer:
             print(f"data-parallel over {self.world} processes")
         if not train.examples:
             raise ValueError("no usable training samples (" + train.summary() + ")")
-        self.lengths = [len(e.ids) for e in train.examples]
-        self.batches_per_epoch = len(self.lengths) // cfg.batch_size // self.world
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(train.examples)} samples cannot fill one batch per rank")
+        self.schedule = BatchSchedule(
+            [len(e.ids) for e in train.examples], cfg.batch_size, cfg.seed, cfg.group_by_length, self.rank, self.world
+        )
+        self.batches_per_epoch = self.schedule.per_epoch
         micro_total = (
             cfg.max_steps * cfg.grad_accum if cfg.max_steps else math.ceil(self.batches_per_epoch * cfg.epochs)
         )
         self.total_steps = max(1, micro_total // cfg.grad_accum)
-        self.optimizer = optim.AdamW(learning_rate=schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay)
+        self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay)
         self.step = 0
         self.out = Path(cfg.out)
         self.params_holder = nn.Module()
@@ -194,12 +194,9 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------------
     def micro_batches(self, start_micro: int):
-        cfg = self.cfg
         micro = start_micro
         while True:
-            epoch, i = divmod(micro, self.batches_per_epoch)
-            order = batch_order(self.lengths, cfg.batch_size, cfg.seed, epoch)[self.rank :: self.world]
-            yield collate([self.train.examples[j] for j in order[i]], self.proc, self.pad_id)
+            yield collate([self.train.examples[j] for j in self.schedule[micro]], self.proc, self.pad_id)
             micro += 1
 
     @property

@@ -312,3 +312,20 @@ def test_data_parallel_under_mlx_launch(pico_dir, data, tmp_path):
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3  # only rank 0 writes
     assert (out / "checkpoints" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_batch_schedule_is_deterministic_sharded_and_honours_grouping():
+    from bonsai_mlx.data import BatchSchedule
+
+    lengths = [10 + (i % 5) * 20 for i in range(200)]  # five "kinds", each with its own length
+    grouped = BatchSchedule(lengths, 8, seed=1, group=True)
+    free = BatchSchedule(lengths, 8, seed=1, group=False)
+    kinds = lambda batch: len({lengths[j] for j in batch})  # noqa: E731
+    assert max(kinds(grouped[k]) for k in range(grouped.per_epoch)) <= 2  # grouped: near-uniform lengths
+    assert sum(kinds(free[k]) for k in range(free.per_epoch)) / free.per_epoch > 3  # shuffled: mixed
+    again = BatchSchedule(lengths, 8, seed=1, group=False)
+    assert [again[k] for k in (30, 3, 27)] == [free[k] for k in (30, 3, 27)]  # any order, same answer
+    r0, r1 = BatchSchedule(lengths, 8, 1, False, 0, 2), BatchSchedule(lengths, 8, 1, False, 1, 2)
+    seen0 = {j for k in range(r0.per_epoch) for j in r0[k]}
+    seen1 = {j for k in range(r1.per_epoch) for j in r1[k]}
+    assert not seen0 & seen1 and r0.per_epoch == 12

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.data import Dataset, batch_order, collate, read_records
+from bonsai_mlx.data import BatchSchedule, Dataset, collate, read_records
 from bonsai_mlx.io import atomic_write_text
 from bonsai_mlx.processing import Processor
 
@@ -65,8 +65,10 @@ def train(a, distill: bool) -> dict:
         pairs = parse_layer_map(a.layer_map, cache.layers, scfg.text.num_hidden_layers)
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"]).to(acc.device)
         params += list(aligners.parameters())
-    lengths = [len(e.ids) for e in ds.examples]
-    per_epoch = len(lengths) // a.batch_size // acc.num_processes
+    schedule = BatchSchedule(
+        [len(e.ids) for e in ds.examples], a.batch_size, a.seed, True, acc.process_index, acc.num_processes
+    )
+    per_epoch = schedule.per_epoch
     total = a.max_steps or max(1, math.ceil(per_epoch * a.epochs / a.grad_accum))
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(a.warmup, total - 1), total)
@@ -80,9 +82,7 @@ def train(a, distill: bool) -> dict:
     step, micro, last, t0, toks = 0, 0, {}, time.perf_counter(), 0
     model.train()
     while step < total:
-        epoch, i = divmod(micro, per_epoch)
-        order = batch_order(lengths, a.batch_size, a.seed, epoch)[acc.process_index :: acc.num_processes]
-        b = collate([ds.examples[j] for j in order[i]], proc, pad)
+        b = collate([ds.examples[j] for j in schedule[micro]], proc, pad)
         micro += 1
         if not b.ids:
             continue
