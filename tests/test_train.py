@@ -180,38 +180,13 @@ def test_resume_is_exact(pico_dir, data, tmp_path):
 
 
 def test_run_writes_peft_adapter_checkpoints_and_metrics(pico_dir, data, tmp_path):
-    from bonsai_mlx.train import main
-
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "--model",
-                str(pico_dir),
-                "--data",
-                str(data[0]),
-                "--image-root",
-                str(data[1]),
-                "--stage",
-                "instruct",
-                "--max-steps",
-                "4",
-                "--batch-size",
-                "2",
-                "--save-every",
-                "2",
-                "--log-every",
-                "1",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
+    rows = _cli(
+        pico_dir, data, out, "--stage", "instruct", "--max-steps", "4", "--batch-size", "2", "--save-every", "2"
     )
     final = out / "checkpoints" / "final"
     assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (final / "projector.safetensors").is_file() and (out / "checkpoints" / "step-0000002").is_dir()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
 
 
@@ -239,7 +214,7 @@ def _cli(pico_dir, data, out, *extra):
     from bonsai_mlx.train import main
 
     base = ["--model", str(pico_dir), "--data", str(data[0]), "--image-root", str(data[1])]
-    main([*base, "--log-every", "1", "--out", str(out), *extra])
+    assert main([*base, "--log-every", "1", "--out", str(out), *extra]) == 0
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -38,28 +38,24 @@ def data(tmp_path):
     return tmp_path
 
 
-def _extract(teacher_dir, pico_dir, data, out, *extra):
-    return extract(
-        [
-            "--teacher",
-            str(teacher_dir),
-            "--data",
-            str(data / "d.json"),
-            "--image-root",
-            str(data / "img"),
-            "--student-tokenizer",
-            str(pico_dir),
-            "--layers",
-            "-1,1",
-            "--out",
-            str(out),
-            "--per-shard",
-            "2",
-            "--batch-size",
-            "2",
-            *extra,
-        ]
-    )
+def _extract(teacher_dir, pico_dir, data, out, *extra, layers="-1,1"):
+    args = [
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(data / "d.json"),
+        "--image-root",
+        str(data / "img"),
+        "--student-tokenizer",
+        str(pico_dir),
+        "--layers",
+        layers,
+        "--out",
+        str(out),
+        "--per-shard",
+        "2",
+    ]
+    return extract([*args, "--batch-size", "2", *extra])
 
 
 def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys):
@@ -113,22 +109,5 @@ def test_mismatched_student_tokenizer_is_refused(teacher_dir, pico_dir, data, tm
     with pytest.raises(ValueError, match="different student tokenizer"):
         CacheReader(tmp_path / "cache", other)
     with pytest.raises(SystemExit):
-        extract(
-            [
-                "--teacher",
-                str(teacher_dir),
-                "--data",
-                str(data / "d.json"),
-                "--image-root",
-                str(data / "img"),
-                "--student-tokenizer",
-                str(pico_dir),
-                "--layers",
-                "-1",
-                "--out",
-                str(tmp_path / "cache"),
-                "--per-shard",
-                "2",
-            ]
-        )
+        _extract(teacher_dir, pico_dir, data, tmp_path / "cache", layers="-1")
     assert "made with different 'layers'" in capsys.readouterr().err
