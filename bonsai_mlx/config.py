@@ -50,10 +50,15 @@ class TextConfig:
     tie_word_embeddings: bool = True
     rope_scaling: dict | None = None
     model_type: str = "qwen2"
+    head_dim: int | None = None  # set when heads were pruned: then it is not hidden_size / heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def mlx_lm_args(self) -> dict:
-        """The kwargs for `mlx_lm.models.qwen2.ModelArgs`."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The kwargs for `mlx_lm.models.qwen2.ModelArgs` (which has no head_dim: Pico sets it itself)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "head_dim"}
         if d["rope_scaling"] and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) == "default":
             d["rope_scaling"] = None
         return d
@@ -117,6 +122,8 @@ class PicoConfig:
         vd.update({f.name: getattr(self.vision, f.name) for f in fields(self.vision)})
         td = d.setdefault("text_config", {})
         td.update({f.name: getattr(self.text, f.name) for f in fields(self.text)})
+        if td.get("head_dim") is None:
+            td.pop("head_dim", None)  # transformers reads a present None as the head size
         rp = td.get("rope_parameters") or {"rope_type": "default"}
         rp["rope_theta"] = self.text.rope_theta
         td["rope_parameters"] = rp

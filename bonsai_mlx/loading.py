@@ -125,6 +125,13 @@ def hf_state(model: Pico, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
     return to_hf(w)
 
 
+def stored_dtype(model_dir: str | Path) -> mx.Dtype:
+    """The precision a checkpoint's float weights are stored in (read from its projector)."""
+    w = load_weights(model_dir)
+    v = w.get("multi_modal_projector.linear_1.weight", w.get("model.multi_modal_projector.linear_1.weight"))
+    return v.dtype if v is not None else mx.float16
+
+
 def save(
     model: Pico, out: str | Path, dtype: mx.Dtype | None = None, extra_files_from: str | Path | None = None
 ) -> None:

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.rope_utils import initialize_rope
 
 from bonsai_mlx.config import PicoConfig
 from bonsai_mlx.vision import VisionTower
@@ -27,13 +28,30 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def _resize_heads(attn: qwen2.Attention, args: qwen2.ModelArgs, head_dim: int) -> None:
+    """mlx-lm's Qwen2 derives head_dim from hidden_size; a head-pruned checkpoint states its own."""
+    dim, nq, nkv = args.hidden_size, attn.n_heads, attn.n_kv_heads
+    attn.scale = head_dim**-0.5
+    attn.q_proj = nn.Linear(dim, nq * head_dim, bias=True)
+    attn.k_proj = nn.Linear(dim, nkv * head_dim, bias=True)
+    attn.v_proj = nn.Linear(dim, nkv * head_dim, bias=True)
+    attn.o_proj = nn.Linear(nq * head_dim, dim, bias=False)
+    attn.rope = initialize_rope(
+        head_dim, args.rope_theta, args.rope_traditional, args.rope_scaling, args.max_position_embeddings
+    )
+
+
 class Pico(nn.Module):
     def __init__(self, config: PicoConfig):
         super().__init__()
         self.config = config
         self.vision_tower = VisionTower(config.vision)
         self.multi_modal_projector = Projector(config)
-        self.language_model = qwen2.Model(qwen2.ModelArgs.from_dict(config.text.mlx_lm_args()))
+        args = qwen2.ModelArgs.from_dict(config.text.mlx_lm_args())
+        self.language_model = qwen2.Model(args)
+        if config.text.attention_head_dim != config.text.hidden_size // config.text.num_attention_heads:
+            for layer in self.language_model.layers:
+                _resize_heads(layer.self_attn, args, config.text.attention_head_dim)
 
     # -- vision -------------------------------------------------------------------------------
     def image_features(self, pixel_values: mx.array) -> mx.array:

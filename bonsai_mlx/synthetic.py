@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from bonsai_mlx.io import atomic_write_text
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
@@ -73,9 +75,11 @@ def caption(items: list[Item]) -> str:
     return " and ".join(f"a {i.colour} {i.kind} at the {i.cell}" for i in order) + "."
 
 
-def sample(index: int, seed: int, size: int = 48, caption_share: float = 0.0) -> dict:
-    """Sample `index` of the task with `seed`: {id, image (PIL), question, answer, type}.
+def sample(index: int, seed: int, size: int = 48, caption_share: float = 0.0, questions: int = 1) -> dict:
+    """Sample `index` of the task with `seed`: {id, image (PIL), turns [(question, answer, type)], type}.
 
+    With `questions` > 1 one image carries that many question turns of different types (a multi-turn
+    conversation, as in LLaVA-Instruct): more supervised answers per image the model encodes.
     With `caption_share`, that fraction of samples asks for a description instead (LLaVA's stage-1
     caption data, mixed in): every word of it depends on the image, so the model learns to look.
     """
@@ -86,37 +90,30 @@ def sample(index: int, seed: int, size: int = 48, caption_share: float = 0.0) ->
     cells = rng.sample(list(CELLS), n)
     items = [Item(k, c, p) for k, c, p in zip(kinds, colours, cells, strict=True)]
     if caption_share and rng.random() < caption_share:
-        return {
-            "id": f"shapes-{seed}-{index}",
-            "image": draw(items, size, rng),
-            "question": "Describe the image.",
-            "answer": caption(items),
-            "type": "caption",
-        }
-    qtype = QTYPES[index % len(QTYPES)]
-    q, a = question(items, qtype, rng)
-    return {"id": f"shapes-{seed}-{index}", "image": draw(items, size, rng), "question": q, "answer": a, "type": qtype}
+        turns = [("Describe the image.", caption(items), "caption")]
+    elif questions == 1:
+        qtype = QTYPES[index % len(QTYPES)]
+        turns = [(*question(items, qtype, rng), qtype)]
+    else:
+        turns = [(*question(items, t, rng), t) for t in rng.sample(QTYPES, min(questions, len(QTYPES)))]
+    return {"id": f"shapes-{seed}-{index}", "image": draw(items, size, rng), "turns": turns, "type": turns[0][2]}
 
 
 def split(
-    n_train: int, n_eval: int, seed: int = 0, size: int = 48, caption_share: float = 0.0
+    n_train: int, n_eval: int, seed: int = 0, size: int = 48, caption_share: float = 0.0, questions: int = 1
 ) -> tuple[list[dict], list[dict]]:
-    """Disjoint train / held-out samples (different index ranges of the same generator); held-out is QA only."""
-    train = [sample(i, seed, size, caption_share) for i in range(n_train)]
+    """Disjoint train / held-out samples (different index ranges of the same generator); held-out is
+    one question per image, no captions."""
+    train = [sample(i, seed, size, caption_share, questions) for i in range(n_train)]
     held = [sample(10_000_000 + i, seed, size) for i in range(n_eval)]
     return train, held
 
 
 def to_llava(s: dict, image_name: str) -> dict:
-    return {
-        "id": s["id"],
-        "image": image_name,
-        "type": s["type"],
-        "conversations": [
-            {"from": "human", "value": f"<image>\n{s['question']}"},
-            {"from": "gpt", "value": s["answer"]},
-        ],
-    }
+    conv = []
+    for i, (q, a, _) in enumerate(s["turns"]):
+        conv += [{"from": "human", "value": f"<image>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
+    return {"id": s["id"], "image": image_name, "type": s["type"], "conversations": conv}
 
 
 def corpus() -> list[str]:
@@ -131,12 +128,18 @@ def corpus() -> list[str]:
 
 
 def export(
-    out: str | Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48, caption_share: float = 0.0
+    out: str | Path,
+    n_train: int = 2000,
+    n_eval: int = 200,
+    seed: int = 0,
+    size: int = 48,
+    caption_share: float = 0.0,
+    questions: int = 1,
 ) -> tuple[Path, Path]:
     """Write train.json / eval.json (LLaVA format) and images/*.png. Returns the two JSON paths."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    train, held = split(n_train, n_eval, seed, size, caption_share)
+    train, held = split(n_train, n_eval, seed, size, caption_share, questions)
     paths = []
     for name, rows in (("train", train), ("eval", held)):
         recs = []
@@ -145,6 +148,6 @@ def export(
             s["image"].save(out / "images" / fn)
             recs.append(to_llava(s, fn))
         p = out / f"{name}.json"
-        p.write_text(json.dumps(recs, indent=1))
+        atomic_write_text(p, json.dumps(recs, indent=1))
         paths.append(p)
     return paths[0], paths[1]

@@ -12,14 +12,6 @@ from bonsai_mlx.quantize import dequantize_weights, quantize_weights
 from convert.sources import DTYPES
 
 
-def _stored_dtype(base: Path) -> mx.Dtype:
-    from bonsai_mlx.io import load_weights
-
-    w = load_weights(base)
-    v = w.get("multi_modal_projector.linear_1.weight", w.get("model.multi_modal_projector.linear_1.weight"))
-    return v.dtype if v is not None else mx.float16
-
-
 def fuse(
     base: str | Path,
     adapter: str | Path,
@@ -47,7 +39,7 @@ def fuse(
         proj = loading.sanitize(mx.load(str(ad / "projector.safetensors")), config)
         model.load_weights(list(proj.items()), strict=False)
         notes.append("projector replaced")
-    out_dtype = DTYPES[dtype] if dtype else _stored_dtype(base_dir)
+    out_dtype = DTYPES[dtype] if dtype else loading.stored_dtype(base_dir)
     w = loading.hf_state(model, out_dtype)
     if config.quantization:  # base was quantized: the fused linears are float now, so re-derive all
         w = dequantize_weights(w, config.quantization)
