@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from bonsai_mlx.generate import ChatSession, Sampling
 from bonsai_mlx.metrics import bleu4, pope, rouge_l, vqa_accuracy, yes_no
 
 METRICS = ("vqa", "yesno", "rouge", "bleu")
@@ -37,15 +36,25 @@ def qa_of(rec: dict) -> dict:
     }
 
 
-def predict(model, proc, qa: dict, image_root: str | None, max_tokens: int) -> str:
-    img = qa["image"]
-    path = str(Path(image_root) / img) if img and image_root else img
-    chunks = list(ChatSession(model, proc).ask(qa["question"], path, Sampling(max_tokens=max_tokens)))
-    return "".join(c.text for c in chunks).strip()
+def predict(model, proc, qas: list[dict], image_root: str | None, max_tokens: int) -> list[str]:
+    """Greedy answers for a batch of question records (see `qa_of`)."""
+    from bonsai_mlx.generate import generate_batch
+
+    def image(qa: dict):
+        img = qa["image"]
+        return str(Path(image_root) / img) if img and image_root else img
+
+    return [a.strip() for a in generate_batch(model, proc, [(qa["question"], image(qa)) for qa in qas], max_tokens)]
 
 
-def predict_records(model, proc, records: list[dict], image_root: str | None, max_tokens: int = 32) -> list[str]:
-    return [predict(model, proc, qa_of(r), image_root, max_tokens) for r in records]
+def predict_records(
+    model, proc, records: list[dict], image_root: str | None, max_tokens: int = 32, batch_size: int = 16
+) -> list[str]:
+    qas = [qa_of(r) for r in records]
+    out: list[str] = []
+    for i in range(0, len(qas), batch_size):
+        out += predict(model, proc, qas[i : i + batch_size], image_root, max_tokens)
+    return out
 
 
 def score(rows: list[dict], metrics=METRICS) -> dict:
@@ -92,6 +101,7 @@ def evaluate(
     max_tokens: int = 32,
     metrics=METRICS,
     progress: bool = True,
+    batch_size: int = 16,
 ) -> dict:
     from tqdm import tqdm
 
@@ -104,12 +114,16 @@ def evaluate(
                 done[row["id"]] = row
     todo = [q for q in qas if q["id"] not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        for qa in tqdm(todo, desc="evaluate", disable=not progress, initial=len(qas) - len(todo), total=len(qas)):
-            row = {**qa, "prediction": predict(model, proc, qa, image_root, max_tokens)}
-            f.write(json.dumps(row) + "\n")
+    bar = tqdm(desc="evaluate", disable=not progress, initial=len(qas) - len(todo), total=len(qas), unit="sample")
+    with open(out, "a") as f, bar:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            for qa, pred in zip(chunk, predict(model, proc, chunk, image_root, max_tokens), strict=True):
+                row = {**qa, "prediction": pred}
+                f.write(json.dumps(row) + "\n")
+                done[qa["id"]] = row
             f.flush()
-            done[qa["id"]] = row
+            bar.update(len(chunk))
     return score([done[q["id"]] for q in qas], metrics)
 
 
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-root")
     ap.add_argument("--out", default="preds.jsonl", help="predictions, appended as produced (resumes)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16, help="questions answered together (same answers)")
     ap.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
     ap.add_argument("--limit", type=int, help="only the first N records")
     a = ap.parse_args(argv)
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
         model, proc = load(a.model)
-        s = evaluate(model, proc, read_records(a.data)[: a.limit], Path(a.out), a.image_root, a.max_tokens, metrics)
+        recs = read_records(a.data)[: a.limit]
+        s = evaluate(model, proc, recs, Path(a.out), a.image_root, a.max_tokens, metrics, batch_size=a.batch_size)
         summary = Path(a.out).with_suffix(".summary.json")
         atomic_write_text(summary, json.dumps(s, indent=2))
         print(table(s))

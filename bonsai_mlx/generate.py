@@ -133,7 +133,7 @@ class ChatSession:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p)
 
-        never = mx.zeros((model.config.text.vocab_size,)).at[proc.image_token_id].add(-mx.inf)
+        never = _never(model, proc)
 
         def next_token(h: mx.array) -> mx.array:
             logits = model.lm_head(h[:, -1, :]).astype(mx.float32) + never  # <image> is input-only
@@ -193,6 +193,49 @@ def generate(
 ) -> Iterator[Chunk]:
     """Stream one answer; the last chunk carries the stats."""
     yield from ChatSession(model, processor, system=system).ask(prompt, image, sampling)
+
+
+def _never(model: Pico, proc: Processor) -> mx.array:
+    """-inf on <image>: it is input-only, never sampled."""
+    return mx.zeros((model.config.text.vocab_size,)).at[proc.image_token_id].add(-mx.inf)
+
+
+def generate_batch(
+    model: Pico, processor: Processor, prompts: list[tuple[str, object]], max_tokens: int = 32
+) -> list[str]:
+    """Greedy answers to several single-turn (prompt, image-or-None) pairs at once: the same answers as
+    `generate` one by one, in one left-padded batch (mlx-lm's BatchKVCache masks the padding)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    proc = processor
+    ids = [proc.encode([{"role": "user", "content": f"{IMAGE}\n{q}" if im is not None else q}]) for q, im in prompts]
+    width = max(len(x) for x in ids)
+    pad = [width - len(x) for x in ids]
+    pad_id = proc.tokenizer.pad_token_id if proc.tokenizer.pad_token_id is not None else 0
+    tokens = mx.array([[pad_id] * p + x for p, x in zip(pad, ids, strict=True)])
+    images = [im for _, im in prompts if im is not None]
+    feats = model.image_features(mx.array(proc.pixel_values(images))) if images else None
+    cache = [BatchKVCache(pad) for _ in model.language_model.layers]
+    never = _never(model, proc)
+
+    def next_tokens(h: mx.array) -> mx.array:
+        return mx.argmax(model.lm_head(h[:, -1, :]).astype(mx.float32) + never, axis=-1)
+
+    h, _ = model.run_layers(model.embed(tokens, feats), cache)
+    y = next_tokens(h)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_tokens):
+        for i, t in enumerate(y.tolist()):
+            if not done[i]:
+                done[i] = t in proc.stop_ids
+                if not done[i]:
+                    out[i].append(t)
+        if all(done) or step == max_tokens - 1:
+            break
+        h, _ = model.run_layers(model.embed(y[:, None]), cache)
+        y = next_tokens(h)
+    return [proc.decode(o) for o in out]
 
 
 def load(model_dir: str):

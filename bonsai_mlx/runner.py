@@ -15,7 +15,7 @@ from bonsai_mlx.processing import Processor
 from bonsai_mlx.trainer import TrainConfig, Trainer, seed_everything, setup_trainable
 
 
-def make_default_model(out: Path, image_size: int, seed: int) -> Path:
+def make_default_model(out: Path, image_size: int, seed: int, patch_size: int = 12) -> Path:
     """The embedded default's tiny Pico: small SigLIP + small Qwen2 + a tokenizer trained on the task."""
     from bonsai_mlx import synthetic, tiny
     from bonsai_mlx.config import TextConfig, VisionConfig
@@ -29,7 +29,7 @@ def make_default_model(out: Path, image_size: int, seed: int) -> Path:
         num_hidden_layers=3,
         num_attention_heads=4,
         image_size=image_size,
-        patch_size=12,
+        patch_size=patch_size,
         vision_use_head=False,
     )
     text = TextConfig(

@@ -4,7 +4,7 @@ import pytest
 from helpers import image
 
 from bonsai_mlx import loading
-from bonsai_mlx.generate import ChatSession, Sampling, generate, main
+from bonsai_mlx.generate import ChatSession, Sampling, generate, generate_batch, main
 from bonsai_mlx.processing import Processor
 
 
@@ -120,3 +120,17 @@ def test_logits_of_cached_decode_equal_full_forward(mp):
     model(mx.array([ids[:-1]]), cache=cache)
     step = np.array(model(mx.array([ids[-1:]]), cache=cache)[0, -1])
     np.testing.assert_allclose(step, full, atol=1e-5)
+
+
+def test_batched_greedy_equals_one_at_a_time(mp):
+    """Left padding must not change any answer: prompts of different lengths, with and without images."""
+    model, proc = mp
+    prompts = [
+        ("what colour is the square?", image(0)),
+        ("how many?", image(1)),
+        ("is there a small yellow circle on the left of the green square?", image(2)),
+        ("describe it", None),
+    ]
+    one = [_run(generate(model, proc, q, im, Sampling(max_tokens=12)))[0] for q, im in prompts]
+    assert generate_batch(model, proc, prompts, max_tokens=12) == one
+    assert len({len(proc.encode([{"role": "user", "content": q}])) for q, _ in prompts}) > 1
