@@ -6,6 +6,8 @@ Written once on a GPU by `train_cuda.extract`, read by both `train_cuda.distill`
     CACHE/manifest.json            teacher, layers, normalisation, hidden size, grids, student tokenizer hash
     CACHE/shard-00000.safetensors  "<id>/text/<layer>" (units, D) and "<id>/image/<layer>" (grid^2, D)
     CACHE/shard-00000.json         <id> -> student/teacher positions of the text units (written last: marks done)
+    CACHE/pca.safetensors          with --pca K: per layer mean and K components; shards then hold K-dim
+                                   coordinates and the reader maps them back to the hidden size
 """
 
 from __future__ import annotations
@@ -38,6 +40,30 @@ class Entry:
     image: dict[int, np.ndarray]  # layer -> (student_grid^2, D), empty for text-only samples
 
 
+class PcaFit:
+    """Streaming PCA of one layer's states: accumulates sums, then eigendecomposes the covariance."""
+
+    def __init__(self, dim: int):
+        self.n, self.sum, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        self.n += len(x)
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def finish(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(mean (D,), components (k, D), share of variance the k components keep)."""
+        if self.n < 2:
+            raise ValueError("PCA needs states from at least two units: add more --pca-samples")
+        mean = self.sum / self.n
+        cov = self.outer / self.n - np.outer(mean, mean)
+        val, vec = np.linalg.eigh(cov)
+        order = np.argsort(val)[::-1][:k]
+        kept = float(val[order].clip(0).sum() / max(val.clip(0).sum(), 1e-12))
+        return mean.astype(np.float32), vec[:, order].T.astype(np.float32), kept
+
+
 class CacheWriter:
     """Accumulates samples and writes a shard every `per_shard` of them, atomically."""
 
@@ -55,6 +81,28 @@ class CacheWriter:
             atomic_write_text(mpath, json.dumps(manifest, indent=2))
         self.manifest = manifest
         self.per_shard = per_shard
+        self.basis = _read_basis(self.root) if manifest.get("pca") else None
+
+    def has_basis(self) -> bool:
+        return self.basis is not None
+
+    def set_basis(self, basis: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Store the PCA basis (written before any shard); later shards hold coordinates in it."""
+        from safetensors.numpy import save_file
+
+        tensors = {}
+        for layer, (mean, comps) in basis.items():
+            tensors[f"mean/{layer}"], tensors[f"components/{layer}"] = mean, comps
+        tmp = self.root / ".pca.tmp.safetensors"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.root / "pca.safetensors")
+        self.basis = basis
+
+    def _store(self, a: np.ndarray, layer: int) -> np.ndarray:
+        if self.basis is not None:
+            mean, comps = self.basis[layer]
+            a = (np.asarray(a, np.float32) - mean) @ comps.T
+        return np.ascontiguousarray(a, dtype=np.float16)
 
     def shard_done(self, k: int) -> bool:
         return (self.root / f"shard-{k:05d}.json").is_file()
@@ -62,12 +110,14 @@ class CacheWriter:
     def write_shard(self, k: int, entries: dict[str, Entry]) -> None:
         from safetensors.numpy import save_file
 
+        if self.manifest.get("pca") and self.basis is None:
+            raise ValueError(f"{self.root}: a PCA cache needs its basis (set_basis) before the first shard")
         tensors, index = {}, {}
         for sid, e in entries.items():
             for layer, a in e.text.items():
-                tensors[f"{sid}/text/{layer}"] = np.ascontiguousarray(a, dtype=np.float16)
+                tensors[f"{sid}/text/{layer}"] = self._store(a, layer)
             for layer, a in e.image.items():
-                tensors[f"{sid}/image/{layer}"] = np.ascontiguousarray(a, dtype=np.float16)
+                tensors[f"{sid}/image/{layer}"] = self._store(a, layer)
             index[sid] = {"text_student_pos": e.text_student_pos, "text_teacher_pos": e.text_teacher_pos}
         name = f"shard-{k:05d}"
         tmp = self.root / f".{name}.tmp.safetensors"
@@ -99,6 +149,9 @@ class CacheReader:
             for sid, meta in json.loads(j.read_text()).items():
                 self.where[sid] = (j.with_suffix(".safetensors"), meta)
         self._open: dict[Path, object] = {}
+        self.basis = _read_basis(self.root) if self.manifest.get("pca") else None
+        if self.manifest.get("pca") and self.basis is None:
+            raise ValueError(f"{self.root}: manifest says PCA but pca.safetensors is missing")
 
     def __contains__(self, sid: str) -> bool:
         return sid in self.where
@@ -114,4 +167,22 @@ class CacheReader:
         keys = set(f.keys())
         text = {L: f.get_tensor(f"{sid}/text/{L}") for L in self.layers if f"{sid}/text/{L}" in keys}
         image = {L: f.get_tensor(f"{sid}/image/{L}") for L in self.layers if f"{sid}/image/{L}" in keys}
+        if self.basis is not None:  # back from PCA coordinates to the teacher's hidden size
+            text = {L: self._expand(a, L) for L, a in text.items()}
+            image = {L: self._expand(a, L) for L, a in image.items()}
         return Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)
+
+    def _expand(self, a: np.ndarray, layer: int) -> np.ndarray:
+        mean, comps = self.basis[layer]
+        return a.astype(np.float32) @ comps + mean
+
+
+def _read_basis(root: Path) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+    path = root / "pca.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path))
+    layers = sorted({int(k.split("/")[1]) for k in t})
+    return {L: (t[f"mean/{L}"], t[f"components/{L}"]) for L in layers}

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-4bit", action="store_true", help="teacher in bitsandbytes NF4 (GPU only)")
     ap.add_argument("--max-samples", type=int)
     ap.add_argument("--per-shard", type=int, default=256)
+    ap.add_argument("--pca", type=int, metavar="K", help="store K PCA coordinates per state instead of all of them")
+    ap.add_argument("--pca-samples", type=int, default=256, help="samples the PCA basis is fitted on")
     from bonsai_mlx.errors import glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
@@ -90,9 +92,10 @@ def run(a) -> int:
     hidden = teacher.model.config.text_config.hidden_size
     s_grid = scfg.vision.grid
     units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)
+    width = min(a.pca, hidden) if a.pca else hidden
     print(
-        f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {hidden} "
-        f"-> about {units * len(layers) * hidden * 2 / 1e9:.2f} GB on disk (fp16)"
+        f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {width} "
+        f"-> about {units * len(layers) * width * 2 / 1e9:.2f} GB on disk (fp16{', PCA' if a.pca else ''})"
     )
     manifest = {
         "teacher": str(a.teacher),
@@ -104,7 +107,11 @@ def run(a) -> int:
         "student_grid": s_grid,
         "dtype": "float16",
     }
+    if a.pca:
+        manifest["pca"] = width
     writer = CacheWriter(a.out, manifest, a.per_shard)
+    if a.pca and not writer.has_basis():
+        writer.set_basis(fit_basis(teacher, plans[: a.pca_samples], layers, s_grid, width, a.batch_size))
     shards = [plans[i : i + a.per_shard] for i in range(0, len(plans), a.per_shard)]
     bar = tqdm(total=len(plans), desc="extract", unit="sample")
     for k, shard in enumerate(shards):
@@ -122,6 +129,27 @@ def run(a) -> int:
         print(f"skipped {len(bad)}: " + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:5]))
     print(f"cache: {a.out}")
     return 0
+
+
+def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: int, k: int, batch_size: int):
+    """PCA of each layer's states over the aligned units of the first samples (an extra teacher pass)."""
+    from tqdm import tqdm
+
+    from bonsai_mlx.teacher_cache import PcaFit
+
+    fits = {L: PcaFit(teacher.model.config.text_config.hidden_size) for L in layers}
+    for i in tqdm(range(0, len(plans), batch_size), desc="fitting PCA", unit="batch"):
+        for e in extract_batch(teacher, plans[i : i + batch_size], layers, s_grid, {}).values():
+            for L in layers:
+                fits[L].add(e.text[L])
+                if L in e.image:
+                    fits[L].add(e.image[L])
+    basis = {}
+    for L in layers:
+        mean, comps, kept = fits[L].finish(k)
+        basis[L] = (mean, comps)
+        print(f"PCA layer {L}: {k} components keep {kept:.1%} of the variance")
+    return basis
 
 
 def extract_batch(teacher: Teacher, batch: list[Plan], layers: list[int], s_grid: int, bad: dict) -> dict[str, Entry]:

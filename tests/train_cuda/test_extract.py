@@ -111,3 +111,42 @@ def test_mismatched_student_tokenizer_is_refused(teacher_dir, pico_dir, data, tm
     with pytest.raises(SystemExit):
         _extract(teacher_dir, pico_dir, data, tmp_path / "cache", layers="-1")
     assert "made with different 'layers'" in capsys.readouterr().err
+
+
+def test_pca_cache_stores_coordinates_and_reads_back_states(teacher_dir, pico_dir, data, tmp_path, capsys):
+    full, pca = tmp_path / "full", tmp_path / "pca"
+    _extract(teacher_dir, pico_dir, data, full)
+    _extract(teacher_dir, pico_dir, data, pca, "--pca", "4")
+    assert "4 components keep" in capsys.readouterr().out
+    size = lambda d: sum(p.stat().st_size for p in d.glob("shard-*.safetensors"))  # noqa: E731
+    assert size(pca) < size(full) / 3
+    a, b = CacheReader(full), CacheReader(pca)
+    assert b.manifest["pca"] == 4
+    from safetensors.numpy import load_file
+
+    basis = load_file(str(pca / "pca.safetensors"))
+    mean, comps = basis["mean/-1"], basis["components/-1"]
+    assert comps.shape == (4, 48)
+    np.testing.assert_allclose(comps @ comps.T, np.eye(4), atol=1e-4)  # orthonormal
+    for sid in ("s0", "t"):
+        x, y = a.get(sid), b.get(sid)
+        for kind in ("text", "image"):
+            if not getattr(x, kind):
+                continue
+            ref = getattr(x, kind)[-1].astype(np.float32)
+            expect = mean + ((ref - mean) @ comps.T) @ comps  # the projection of the full states onto the basis
+            assert getattr(y, kind)[-1].shape == ref.shape
+            np.testing.assert_allclose(getattr(y, kind)[-1], expect, atol=3e-2)
+    # a resumed PCA extraction keeps its basis
+    stamp = (pca / "pca.safetensors").stat().st_mtime_ns
+    os.remove(pca / "shard-00002.json")
+    _extract(teacher_dir, pico_dir, data, pca, "--pca", "4")
+    assert (pca / "pca.safetensors").stat().st_mtime_ns == stamp and len(CacheReader(pca)) == 6
+
+
+def test_pca_with_all_components_reproduces_the_states(teacher_dir, pico_dir, data, tmp_path):
+    _extract(teacher_dir, pico_dir, data, tmp_path / "full")
+    _extract(teacher_dir, pico_dir, data, tmp_path / "pca", "--pca", "48")
+    x, y = CacheReader(tmp_path / "full").get("s1"), CacheReader(tmp_path / "pca").get("s1")
+    np.testing.assert_allclose(y.text[1], x.text[1].astype(np.float32), atol=3e-2)
+    np.testing.assert_allclose(y.image[-1], x.image[-1].astype(np.float32), atol=3e-2)
