@@ -65,20 +65,39 @@ def feature_loss(aligners: Aligners, states: dict[int, mx.array], d: dict) -> mx
     return total / len(aligners.pairs)
 
 
+def kl_loss(student_logits: mx.array, topk_logits: mx.array, topk_ids: mx.array, temperature: float = 1.0) -> mx.array:
+    """Mean over units of KL(teacher || student) on the teacher's top-k tokens (teacher renormalised over
+    them, student's full softmax), times T^2 so gradients keep their scale across temperatures."""
+    if topk_ids.size == 0:
+        return mx.array(0.0)
+    t = topk_logits.astype(mx.float32) / temperature
+    log_p = t - mx.logsumexp(t, axis=-1, keepdims=True)
+    s = student_logits.astype(mx.float32) / temperature
+    log_q = mx.take_along_axis(s - mx.logsumexp(s, axis=-1, keepdims=True), topk_ids, axis=-1)
+    return (mx.exp(log_p) * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
 def alpha_at(alpha: float, alpha_end: float | None, frac: mx.array | float) -> mx.array | float:
     return alpha if alpha_end is None else alpha + (alpha_end - alpha) * frac
 
 
-def gather_targets(cache: CacheReader, batch: Batch, image_token_id: int, layers: list[int]) -> dict[str, np.ndarray]:
+def gather_targets(
+    cache: CacheReader, batch: Batch, image_token_id: int, layers: list[int], kl: bool = False
+) -> dict[str, np.ndarray]:
     """Flat batch positions of the aligned units and their teacher targets, for one collated batch."""
     B, L = batch.input_ids.shape
-    tpos, ipos = [], []
+    tpos, ipos, kpos, kids, klog = [], [], [], [], []
     tt = {t: [] for t in layers}
     it = {t: [] for t in layers}
     for b, sid in enumerate(batch.ids):
         e = cache.get(sid)
         keep = [k for k, p in enumerate(e.text_student_pos) if p < L]
         tpos += [b * L + e.text_student_pos[k] for k in keep]
+        if kl and e.topk_ids is not None:
+            ok = [j for j, k in enumerate(e.kl_units) if e.text_student_pos[k] < L]
+            kpos += [b * L + e.text_student_pos[e.kl_units[j]] for j in ok]
+            kids.append(e.topk_ids[ok])
+            klog.append(e.topk_logits[ok])
         for t in layers:
             tt[t].append(e.text[t][keep])
         if e.image:
@@ -87,10 +106,28 @@ def gather_targets(cache: CacheReader, batch: Batch, image_token_id: int, layers
             for t in layers:
                 it[t].append(e.image[t][: len(img)])
     out = {"text_pos": np.asarray(tpos, np.int32), "image_pos": np.asarray(ipos, np.int32)}
+    if kl:
+        k = int(cache.manifest.get("kl_topk", 1))
+        out["kl_pos"] = np.asarray(kpos, np.int32)
+        out["kl_ids"] = np.concatenate(kids).astype(np.int32) if kpos else np.zeros((0, k), np.int32)
+        out["kl_logits"] = np.concatenate(klog).astype(np.float32) if kpos else np.zeros((0, k), np.float32)
     for t in layers:
         out[f"text_{t}"] = np.concatenate(tt[t]).astype(np.float32) if tpos else np.zeros((0, 1), np.float32)
         out[f"image_{t}"] = np.concatenate(it[t]).astype(np.float32) if ipos else np.zeros((0, 1), np.float32)
     return out
+
+
+def check_kl(cache: CacheReader, student_tokenizer) -> None:
+    """--kl needs a shared vocabulary and a cache that holds the teacher's logits; say which is missing."""
+    from bonsai_mlx.teacher_cache import vocab_fingerprint
+
+    if cache.manifest.get("teacher_vocab") != vocab_fingerprint(student_tokenizer):
+        raise ValueError(
+            f"--kl: the teacher ({cache.manifest['teacher']}) and the student do not share a vocabulary, so their "
+            "next-token distributions cannot be compared; distil with the feature loss alone (drop --kl)"
+        )
+    if not cache.manifest.get("kl_topk"):
+        raise ValueError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --kl-topk K")
 
 
 def setup_distill(cfg, model, proc, train):
@@ -104,6 +141,8 @@ def setup_distill(cfg, model, proc, train):
             f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); training without them"
         )
         train.examples = [e for e in train.examples if e.id in cache]
+    if cfg.kl:
+        check_kl(cache, proc.tokenizer)
     n_student = len(model.language_model.model.layers)
     pairs = parse_layer_map(cfg.layer_map, cache.layers, n_student)
     aligners = Aligners(pairs, model.config.text.hidden_size, cache.manifest["hidden_size"])
@@ -111,12 +150,19 @@ def setup_distill(cfg, model, proc, train):
 
     def augment(batch: Batch) -> dict:
         return {
-            "distill": {k: mx.array(v) for k, v in gather_targets(cache, batch, proc.image_token_id, layers).items()}
+            "distill": {
+                k: mx.array(v) for k, v in gather_targets(cache, batch, proc.image_token_id, layers, cfg.kl).items()
+            }
         }
 
     def loss(ce, kept, batch, frac):
-        feat = feature_loss(aligners, kept, batch["distill"])
+        d = batch["distill"]
+        feat = feature_loss(aligners, kept, d)
         a = alpha_at(cfg.alpha, cfg.alpha_end, frac)
-        return (1 - a) * ce + a * feat, ce
+        total = (1 - a) * ce + a * feat
+        if cfg.kl:
+            h = kept["final"].reshape(-1, kept["final"].shape[-1])[d["kl_pos"]]
+            total = total + cfg.kl_weight * kl_loss(model.lm_head(h), d["kl_logits"], d["kl_ids"], cfg.kl_temperature)
+        return total, ce
 
     return aligners, loss, augment

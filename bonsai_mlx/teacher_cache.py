@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +32,21 @@ def tokenizer_fingerprint(tok) -> str:
     return h.hexdigest()[:16]
 
 
+def vocab_fingerprint(tok) -> str:
+    """Equal exactly when two tokenizers map the same strings to the same ids (logits are comparable)."""
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Entry:
     text_student_pos: list[int]
     text_teacher_pos: list[int]
     text: dict[int, np.ndarray]  # layer -> (units, D)
     image: dict[int, np.ndarray]  # layer -> (student_grid^2, D), empty for text-only samples
+    # with --kl-topk (shared vocabulary only): the teacher's top-k next-token logits at some text units
+    kl_units: list[int] = field(default_factory=list)  # indices into the text units
+    topk_ids: np.ndarray | None = None  # (len(kl_units), k) int32
+    topk_logits: np.ndarray | None = None  # (len(kl_units), k)
 
 
 class PcaFit:
@@ -119,6 +128,10 @@ class CacheWriter:
             for layer, a in e.image.items():
                 tensors[f"{sid}/image/{layer}"] = self._store(a, layer)
             index[sid] = {"text_student_pos": e.text_student_pos, "text_teacher_pos": e.text_teacher_pos}
+            if e.topk_ids is not None:
+                index[sid]["kl_units"] = e.kl_units
+                tensors[f"{sid}/topk_ids"] = np.ascontiguousarray(e.topk_ids, dtype=np.int32)
+                tensors[f"{sid}/topk_logits"] = np.ascontiguousarray(e.topk_logits, dtype=np.float16)
         name = f"shard-{k:05d}"
         tmp = self.root / f".{name}.tmp.safetensors"
         save_file(tensors, str(tmp))
@@ -170,7 +183,11 @@ class CacheReader:
         if self.basis is not None:  # back from PCA coordinates to the teacher's hidden size
             text = {L: self._expand(a, L) for L, a in text.items()}
             image = {L: self._expand(a, L) for L, a in image.items()}
-        return Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)
+        e = Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)
+        if "kl_units" in meta:
+            e.kl_units = meta["kl_units"]
+            e.topk_ids, e.topk_logits = f.get_tensor(f"{sid}/topk_ids"), f.get_tensor(f"{sid}/topk_logits")
+        return e
 
     def _expand(self, a: np.ndarray, layer: int) -> np.ndarray:
         mean, comps = self.basis[layer]

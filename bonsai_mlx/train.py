@@ -90,6 +90,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=S, help="distill: weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, default=S, help="distill: alpha decays linearly to this")
     ap.add_argument("--layer-map", default=S, help="distill: teacher:student layer pairs, e.g. -1:-1,16:12")
+    ap.add_argument(
+        "--kl",
+        action="store_true",
+        default=S,
+        help="distill: add logit KL to the teacher (shared vocabulary; cache made with --kl-topk)",
+    )
+    ap.add_argument("--kl-weight", type=float, default=S, help="distill: weight of the KL term (default 1)")
+    ap.add_argument("--kl-temperature", type=float, default=S, help="distill: softmax temperature (default 1)")
     ap.add_argument("--resume", help="continue a run exactly from its latest (or the given) checkpoint")
     ap.add_argument("--config", help="YAML/JSON file of these options (command-line flags override it)")
     ap.add_argument("--export", metavar="DIR", help="write the synthetic task as LLaVA JSON + PNGs and exit")

@@ -63,6 +63,9 @@ class TrainConfig:
     alpha: float = 0.5
     alpha_end: float | None = None
     layer_map: str | None = None
+    kl: bool = False  # + kl_weight * KL(teacher top-k || student) when the vocabularies are shared
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -190,7 +193,7 @@ class Trainer:
         ce = ce_at(self.model, h, batch["positions"], batch["targets"]) / max(n, 1)
         if self.extra_loss is None:
             return ce, ce
-        return self.extra_loss(ce, kept, batch, step_frac)
+        return self.extra_loss(ce, {**kept, "final": h}, batch, step_frac)  # "final": the normed last state
 
     # -- data -------------------------------------------------------------------------------------
     def micro_batches(self, start_micro: int):

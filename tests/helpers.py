@@ -101,9 +101,17 @@ VICUNA = (
 )
 
 
-def make_teacher(out: Path, hidden: int = 48, image_size: int = 48, patch_size: int = 8, seed: int = 0) -> Path:
+def make_teacher(
+    out: Path,
+    hidden: int = 48,
+    image_size: int = 48,
+    patch_size: int = 8,
+    seed: int = 0,
+    tokenizer_from: Path | None = None,
+) -> Path:
     """A tiny teacher of the LLaVA-1.5 shape: CLIP vision, Llama LM, SentencePiece-style (Unigram) tokenizer,
-    'default' select strategy and vision_feature_layer -2, its own grid."""
+    'default' select strategy and vision_feature_layer -2, its own grid. With `tokenizer_from`, it uses that
+    model's tokenizer and chat template instead (a shared vocabulary, as logit KL needs)."""
     import json
 
     import torch
@@ -136,6 +144,10 @@ def make_teacher(out: Path, hidden: int = 48, image_size: int = 48, patch_size: 
         additional_special_tokens=["<image>"],
     )
     fast.chat_template = VICUNA
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(tokenizer_from))
     fast.save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(
         json.dumps(

@@ -41,6 +41,32 @@ def test_feature_loss_is_the_same_number_in_mlx_and_pytorch():
     assert abs(t - ((1 - 0.4) * ce + 0.4 * a.item())) < 1e-5
 
 
+def test_kl_loss_matches_pytorch_and_the_exact_kl():
+    import torch
+
+    from bonsai_mlx.distill import kl_loss
+    from train_cuda import losses
+
+    rng = np.random.default_rng(1)
+    student = rng.normal(size=(6, 20)).astype(np.float32)
+    teacher = rng.normal(size=(6, 20)).astype(np.float32)
+    ids = np.argsort(-teacher, axis=-1)[:, :5].astype(np.int32)
+    top = np.take_along_axis(teacher, ids, -1)
+    for temp in (1.0, 2.0):
+        a = kl_loss(mx.array(student), mx.array(top), mx.array(ids), temp).item()
+        b = losses.kl_loss(torch.tensor(student), torch.tensor(top), torch.tensor(ids), temp).item()
+        assert abs(a - b) < 1e-5 and a > 0
+    # with every token kept it is the textbook KL(p || q)
+    full = np.tile(np.arange(20, dtype=np.int32), (6, 1))
+    p = np.exp(teacher - teacher.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(student - student.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    exact = (p * (np.log(p) - np.log(q))).sum(-1).mean()
+    assert abs(kl_loss(mx.array(student), mx.array(teacher), mx.array(full)).item() - exact) < 1e-5
+    assert abs(kl_loss(mx.array(teacher), mx.array(teacher), mx.array(full)).item()) < 1e-6
+
+
 def test_layer_map():
     assert parse_layer_map("-1:-1,16:12", [-1, 16], 24) == [(-1, -1), (16, 12)]
     assert parse_layer_map(None, [-1, 16], 24, 32) == [(-1, -1), (16, 12)]
@@ -113,3 +139,45 @@ def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_pat
     model, _ = loading.load(tmp_path / "fused")
     assert "extra" not in str(list(mx.load(str(tmp_path / "fused" / "model.safetensors")).keys()))
     assert np.isfinite(np.array(model(mx.array([[3, 4, 5]])))).all()
+
+
+def _kl_cache(pico_dir, root, *, same_vocab: bool):
+    from helpers import make_teacher, write_describe_data
+
+    from train_cuda.extract import main as extract
+
+    write_describe_data(root)
+    teacher = make_teacher(root / "teacher", tokenizer_from=pico_dir if same_vocab else None)
+    args = ["--teacher", str(teacher), "--data", str(root / "d.json"), "--image-root", str(root / "img")]
+    args += ["--student-tokenizer", str(pico_dir), "--layers=-1", "--out", str(root / "cache")]
+    assert extract([*args, *(["--kl-topk", "8"] if same_vocab else [])]) == 0
+    return root
+
+
+def _distill_args(pico_dir, root, out, *extra, lr="1e-2"):
+    args = ["--model", str(pico_dir), "--data", str(root / "d.json"), "--image-root", str(root / "img")]
+    args += ["--stage", "distill", "--teacher-cache", str(root / "cache"), "--out", str(out), *extra]
+    return args + ["--batch-size", "4", "--lr", lr, "--warmup", "1", "--log-every", "1", "--lora-dropout", "0"]
+
+
+def test_distill_with_kl_lowers_the_loss(pico_dir, tmp_path):
+    from bonsai_mlx.train import main as train
+
+    root = _kl_cache(pico_dir, tmp_path, same_vocab=True)
+    out = tmp_path / "run"
+    kl_args = ["--kl", "--kl-weight", "10", "--alpha", "0", "--max-steps", "40"]
+    assert train(_distill_args(pico_dir, root, out, *kl_args, lr="3e-2")) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # alpha 0: loss = CE + 10 KL, so the KL part is loss - ce and must be positive, then fall
+    kl = [r["loss"] - r["ce"] for r in rows]
+    assert min(kl[:3]) > 0 and np.mean(kl[-3:]) < 0.9 * np.mean(kl[:3]), kl
+
+
+def test_kl_is_refused_for_a_teacher_with_another_vocabulary(pico_dir, tmp_path, capsys):
+    from bonsai_mlx.train import main as train
+
+    root = _kl_cache(pico_dir, tmp_path, same_vocab=False)
+    with pytest.raises(SystemExit):
+        train(_distill_args(pico_dir, root, tmp_path / "run", "--kl", "--max-steps", "2"))
+    err = capsys.readouterr().err
+    assert "--kl" in err and "do not share a vocabulary" in err

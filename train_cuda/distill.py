@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, help="alpha decays linearly to this")
     ap.add_argument("--layer-map", help="teacher:student layer pairs, e.g. -1:-1,16:12 (default: relative depth)")
+    ap.add_argument("--kl", action="store_true", help="add logit KL (shared vocabulary; cache made with --kl-topk)")
+    ap.add_argument("--kl-weight", type=float, default=1.0)
+    ap.add_argument("--kl-temperature", type=float, default=1.0)
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
     with friendly("distill"):
         train(a, distill=True)

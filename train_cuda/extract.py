@@ -18,7 +18,7 @@ from bonsai_mlx.config import PicoConfig
 from bonsai_mlx.data import BadSample, messages_of, read_records, tokenize
 from bonsai_mlx.images import ImageError, load_image
 from bonsai_mlx.processing import Processor
-from bonsai_mlx.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint
+from bonsai_mlx.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint, vocab_fingerprint
 from train_cuda.teacher import Teacher, answer_spans
 
 
@@ -28,6 +28,7 @@ class Plan:
     t_ids: list[int]
     pairs: list[tuple[int, int]]
     image: str | None
+    same_next: list[int]  # units whose next token is the same in both tokenizations (where logits compare)
 
 
 def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str | None) -> Plan:
@@ -36,7 +37,7 @@ def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str
         msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
     answers = [m["content"] for m in msgs if m["role"] == "assistant"]
     s_off: list = []
-    tokenize(student, msgs, offsets=s_off)
+    s_ids = tokenize(student, msgs, offsets=s_off)[0]
     s_text = student.render(msgs, add_generation_prompt=False)
     t_text = teacher.render(msgs)
     t_ids, t_off = teacher.encode(t_text)
@@ -45,7 +46,12 @@ def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str
         pairs += text_units(t_off, ts, s_off, ss)
     img = rec.get("image")
     path = str(Path(image_root) / img) if img and image_root else img
-    return Plan(str(rec.get("id")), t_ids, pairs, path)
+    same = [
+        k
+        for k, (t, s) in enumerate(pairs)
+        if t + 1 < len(t_ids) and s + 1 < len(s_ids) and t_ids[t + 1] == s_ids[s + 1]
+    ]
+    return Plan(str(rec.get("id")), t_ids, pairs, path, same)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-shard", type=int, default=256)
     ap.add_argument("--pca", type=int, metavar="K", help="store K PCA coordinates per state instead of all of them")
     ap.add_argument("--pca-samples", type=int, default=256, help="samples the PCA basis is fitted on")
+    ap.add_argument(
+        "--kl-topk",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also store the teacher's top-K next-token logits (for distill --kl; needs a shared vocabulary)",
+    )
     from bonsai_mlx.errors import glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
@@ -80,6 +93,8 @@ def run(a) -> int:
     scfg = PicoConfig.load(sdir)
     student = Processor(sdir, scfg)
     teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit)
+    if a.kl_topk:
+        refuse_kl_unless_shared(teacher.tokenizer, student.tokenizer, "--kl-topk")
     if teacher.device == "cpu":
         print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
     records = read_records(a.data)[: a.max_samples]
@@ -106,7 +121,10 @@ def run(a) -> int:
         "teacher_grid": teacher.grid,
         "student_grid": s_grid,
         "dtype": "float16",
+        "teacher_vocab": vocab_fingerprint(teacher.tokenizer),
     }
+    if a.kl_topk:
+        manifest["kl_topk"] = a.kl_topk
     if a.pca:
         manifest["pca"] = width
     writer = CacheWriter(a.out, manifest, a.per_shard)
@@ -121,7 +139,7 @@ def run(a) -> int:
         entries = {}
         for i in range(0, len(shard), a.batch_size):
             batch = shard[i : i + a.batch_size]
-            entries.update(extract_batch(teacher, batch, layers, s_grid, bad))
+            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.kl_topk))
             bar.update(len(batch))
         writer.write_shard(k, entries)
     bar.close()
@@ -152,7 +170,18 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
     return basis
 
 
-def extract_batch(teacher: Teacher, batch: list[Plan], layers: list[int], s_grid: int, bad: dict) -> dict[str, Entry]:
+def refuse_kl_unless_shared(teacher_tok, student_tok, flag: str) -> None:
+    """Logit KL compares distributions over token ids: meaningless unless both models share the vocabulary."""
+    if vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tok):
+        raise ValueError(
+            f"{flag}: the teacher's vocabulary ({len(teacher_tok):,} tokens) and the student's ({len(student_tok):,}) "
+            "differ, so their next-token distributions cannot be compared; distil with the feature loss alone"
+        )
+
+
+def extract_batch(
+    teacher: Teacher, batch: list[Plan], layers: list[int], s_grid: int, bad: dict, topk: int = 0
+) -> dict[str, Entry]:
     ok, pixels = [], []
     for p in batch:
         if p.image:
@@ -172,7 +201,7 @@ def extract_batch(teacher: Teacher, batch: list[Plan], layers: list[int], s_grid
         px = np.stack(pixels[: len(group)]) if group[0].image else None
         if group[0].image:
             pixels = pixels[len(group) :]
-        states = teacher.hidden_states([p.t_ids for p in group], px, layers)
+        states, top = teacher.hidden_states([p.t_ids for p in group], px, layers, topk)
         for b, p in enumerate(group):
             text = {L: st[b, [t for t, _ in p.pairs]] for L, st in zip(layers, states, strict=True)}
             image = {}
@@ -183,7 +212,10 @@ def extract_batch(teacher: Teacher, batch: list[Plan], layers: list[int], s_grid
                     img = st[b, pos]
                     img = img[-g * g :]  # drop CLS when the teacher keeps it ("full" strategy)
                     image[L] = pool_grid(img, g, s_grid)
-            out[p.sid] = Entry([s for _, s in p.pairs], [t for t, _ in p.pairs], text, image)
+            e = out[p.sid] = Entry([s for _, s in p.pairs], [t for t, _ in p.pairs], text, image)
+            if top is not None:
+                at = [p.pairs[k][0] for k in p.same_next]
+                e.kl_units, e.topk_logits, e.topk_ids = p.same_next, top[0][b, at], top[1][b, at]
     return out
 
 

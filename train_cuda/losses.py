@@ -39,6 +39,17 @@ def ce_at(logits_fn, h: torch.Tensor, positions: torch.Tensor, targets: torch.Te
     return F.cross_entropy(logits_fn(hs).float(), targets, reduction="mean")
 
 
+def kl_loss(
+    student_logits: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """KL(teacher top-k renormalised || student full softmax) at the same ids, mean over units, times T^2."""
+    if topk_ids.numel() == 0:
+        return student_logits.sum() * 0.0
+    log_p = F.log_softmax(topk_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, topk_ids.long())
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
 def distill_loss(
     ce: torch.Tensor, feat: torch.Tensor, alpha: float, alpha_end: float | None, frac: float
 ) -> torch.Tensor:

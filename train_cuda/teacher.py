@@ -81,7 +81,10 @@ class Teacher:
             else:
                 parts = [{"type": "text", "text": text}]
             conv.append({"role": m["role"], "content": parts})
-        text = self.tokenizer.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False)
+        except TypeError:  # a template that wants plain-string content (<image> stays in the text)
+            text = self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False)
         return text.replace(IMAGE, IMAGE * self.num_image_tokens)
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -91,8 +94,11 @@ class Teacher:
     def pixel_values(self, image) -> np.ndarray:
         return np.asarray(self.image_processor([pad_to_square(image)], return_tensors="np")["pixel_values"], np.float32)
 
-    def hidden_states(self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int]) -> list[np.ndarray]:
-        """LayerNorm-normalised (parameter-free) states of `layers`, (B, L, D) float32 each; right-padded batch."""
+    def hidden_states(
+        self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int], topk: int = 0
+    ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+        """LayerNorm-normalised (parameter-free) states of `layers`, (B, L, D) float32 each, right-padded batch;
+        with `topk`, also the top-k next-token logits at every position: (values, ids), each (B, L, k)."""
         import torch
         import torch.nn.functional as F
 
@@ -106,7 +112,12 @@ class Teacher:
         with torch.no_grad():
             out = self.model(input_ids=inp, attention_mask=mask, output_hidden_states=True, **kw)
         hs = out.hidden_states
-        return [F.layer_norm(hs[k].float(), hs[k].shape[-1:]).cpu().numpy() for k in layers]
+        states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]).cpu().numpy() for k in layers]
+        top = None
+        if topk:
+            v, i = out.logits.float().topk(topk, dim=-1)
+            top = (v.cpu().numpy(), i.cpu().numpy().astype(np.int32))
+        return states, top
 
 
 def answer_spans(text: str, answers: list[str]) -> list[tuple[int, int]]:

@@ -43,7 +43,7 @@ def train(a, distill: bool) -> dict:
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from train_cuda.losses import Aligners, ce_at, distill_loss, feature_loss
+    from train_cuda.losses import Aligners, ce_at, distill_loss, feature_loss, kl_loss
     from train_cuda.student import load_student, projector_state
 
     torch.manual_seed(a.seed)
@@ -61,6 +61,10 @@ def train(a, distill: bool) -> dict:
         from bonsai_mlx.teacher_cache import CacheReader
 
         cache = CacheReader(a.teacher_cache, proc.tokenizer)
+        if a.kl:
+            from bonsai_mlx.distill import check_kl
+
+            check_kl(cache, proc.tokenizer)
         ds.examples = [e for e in ds.examples if e.id in cache]
         pairs = parse_layer_map(a.layer_map, cache.layers, scfg.text.num_hidden_layers)
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"]).to(acc.device)
@@ -79,7 +83,7 @@ def train(a, distill: bool) -> dict:
     pad = proc.tokenizer.pad_token_id or 0
     keep = sorted({s for _, s in aligners.pairs}) if aligners else []
     bar = tqdm(total=total, desc="distill" if distill else "sft", disable=not acc.is_main_process)
-    step, micro, last, t0, toks = 0, 0, {}, time.perf_counter(), 0
+    step, micro, last, t0, toks, kl = 0, 0, {}, time.perf_counter(), 0, None
     model.train()
     while step < total:
         b = collate([ds.examples[j] for j in schedule[micro]], proc, pad)
@@ -104,13 +108,20 @@ def train(a, distill: bool) -> dict:
             if distill:
                 d = {
                     k: torch.tensor(v, device=acc.device)
-                    for k, v in gather_targets(cache, b, proc.image_token_id, [t for t, _ in aligners.pairs]).items()
+                    for k, v in gather_targets(
+                        cache, b, proc.image_token_id, [t for t, _ in aligners.pairs], a.kl
+                    ).items()
                 }
-                for k in ("text_pos", "image_pos"):
-                    d[k] = d[k].long()
+                for k in ("text_pos", "image_pos", "kl_pos"):
+                    if k in d:
+                        d[k] = d[k].long()
                 states = {s: o.hidden_states[s] for s in keep}
                 feat = feature_loss(aligners, states, d)
                 loss = distill_loss(ce, feat, a.alpha, a.alpha_end, step / max(1, total - 1))
+                if a.kl:
+                    hk = h.reshape(-1, h.shape[-1])[d["kl_pos"]]
+                    kl = kl_loss(base.lm_head(hk), d["kl_logits"], d["kl_ids"], a.kl_temperature)
+                    loss = loss + a.kl_weight * kl
             acc.backward(loss)
             if acc.sync_gradients:
                 acc.clip_grad_norm_(params, 1.0)
@@ -128,6 +139,8 @@ def train(a, distill: bool) -> dict:
             }
             if feat is not None:
                 last["feat"] = feat.item()
+            if distill and a.kl:
+                last["kl"] = kl.item()
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", refresh=False)
             if acc.is_main_process and (step % a.log_every == 0 or step == total):

@@ -81,7 +81,7 @@ def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys)
     from bonsai_mlx.align import pool_grid
 
     px = t.pixel_values(Image.open(data / "img" / "0.png").convert("RGB"))
-    st = t.hidden_states([plan.t_ids], px, [-1])[0][0]
+    st = t.hidden_states([plan.t_ids], px, [-1])[0][0][0]
     np.testing.assert_allclose(e.text[-1], st[[a for a, _ in plan.pairs]], atol=2e-3)
     img_pos = [i for i, x in enumerate(plan.t_ids) if x == t.image_token_id]
     np.testing.assert_allclose(e.image[-1], pool_grid(st[img_pos], t.grid, s_grid), atol=2e-3)
@@ -150,3 +150,35 @@ def test_pca_with_all_components_reproduces_the_states(teacher_dir, pico_dir, da
     x, y = CacheReader(tmp_path / "full").get("s1"), CacheReader(tmp_path / "pca").get("s1")
     np.testing.assert_allclose(y.text[1], x.text[1].astype(np.float32), atol=3e-2)
     np.testing.assert_allclose(y.image[-1], x.image[-1].astype(np.float32), atol=3e-2)
+
+
+def test_kl_topk_is_refused_when_vocabularies_differ(teacher_dir, pico_dir, data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _extract(teacher_dir, pico_dir, data, tmp_path / "cache", "--kl-topk", "4")
+    err = capsys.readouterr().err
+    assert "--kl-topk" in err and "vocabulary" in err and "differ" in err
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_kl_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
+    from helpers import make_teacher
+
+    teacher = make_teacher(tmp_path / "same-vocab", tokenizer_from=pico_dir)
+    assert _extract(teacher, pico_dir, data, tmp_path / "cache", "--kl-topk", "5") == 0
+    proc = Processor(pico_dir, PicoConfig.load(pico_dir))
+    cache = CacheReader(tmp_path / "cache", proc.tokenizer)
+    assert cache.manifest["kl_topk"] == 5
+    e = cache.get("s0")
+    assert e.topk_ids.shape == e.topk_logits.shape == (len(e.kl_units), 5)
+    # shared tokenizer: every answer token but the last (whose successor is each template's own end) compares
+    assert len(e.kl_units) >= len(e.text_student_pos) - 1 >= 3
+    t = Teacher.load(str(teacher))
+    from train_cuda.extract import plan_sample
+
+    rec = json.loads((data / "d.json").read_text())[0]
+    plan = plan_sample(rec, t, proc, str(data / "img"))
+    px = t.pixel_values(__import__("PIL.Image").Image.open(data / "img" / "0.png").convert("RGB"))
+    _, (vals, ids) = t.hidden_states([plan.t_ids], px, [-1], topk=5)
+    at = [e.text_teacher_pos[k] for k in e.kl_units]
+    np.testing.assert_array_equal(e.topk_ids, ids[0, at])
+    np.testing.assert_allclose(e.topk_logits, vals[0, at], atol=1e-2)

@@ -115,3 +115,20 @@ def test_sft_adapter_gives_the_same_logits_in_pytorch_and_mlx(pico_dir, setup, t
     model.eval()
     ours = np.array(model(mx.array(ids))[0])
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_distill_kl_runs_with_a_shared_vocabulary_and_is_refused_without(pico_dir, setup, tmp_path, capsys):
+    from train_cuda.distill import main as distill
+    from train_cuda.extract import main as extract
+
+    common = [*_common(pico_dir, setup, tmp_path / "run"), "--max-steps", "3", "--kl"]
+    with pytest.raises(SystemExit):
+        distill([*common, "--teacher-cache", str(setup / "cache")])
+    assert "do not share a vocabulary" in capsys.readouterr().err
+    teacher = make_teacher(tmp_path / "same", tokenizer_from=pico_dir)
+    args = ["--teacher", str(teacher), "--data", str(setup / "d.json"), "--image-root", str(setup / "img")]
+    args += ["--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")]
+    assert extract([*args, "--kl-topk", "8"]) == 0
+    assert distill([*common, "--teacher-cache", str(tmp_path / "cache"), "--layer-map", "-1:-1"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
