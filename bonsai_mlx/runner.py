@@ -93,7 +93,7 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         evaluate = Dataset.build(read_records(cfg.eval_data), proc, cfg.image_root, cfg.max_length, "skip")
 
     extra = extra_loss = augment = None
-    if cfg.stage == "distill":
+    if cfg.stage == "distill" or cfg.teacher_cache:  # any stage distils when given a teacher cache
         from bonsai_mlx.distill import setup_distill
 
         extra, extra_loss, augment = setup_distill(cfg, model, proc, train)

@@ -70,9 +70,10 @@ def question(items: list[Item], qtype: str, rng: random.Random) -> tuple[str, st
 
 
 def caption(items: list[Item]) -> str:
-    """Where everything is, in reading order: dense supervision that teaches the model to look."""
-    order = sorted(items, key=lambda i: (CELLS[i.cell][1], CELLS[i.cell][0]))
-    return " and ".join(f"a {i.colour} {i.kind} at the {i.cell}" for i in order) + "."
+    """Every cell in reading order, empty ones too: each word is read off one place in the image, the
+    same look-up the position-keyed questions need, supervised densely (four cells per sample)."""
+    at = {i.cell: i for i in items}
+    return "; ".join(f"{c}: {at[c].colour} {at[c].kind}" if c in at else f"{c}: nothing" for c in CELLS) + "."
 
 
 def sample(index: int, seed: int, size: int = 48, caption_share: float = 0.0, questions: int = 1) -> dict:
@@ -124,7 +125,8 @@ def corpus() -> list[str]:
         for i, (k, c, p, t) in enumerate((k, c, p, t) for k in SHAPES for c in COLOURS for p in CELLS for t in QTYPES)
     ]
     chat = ["user", "assistant", "system", "You are a helpful assistant.", "Describe the image.", "at the", "and"]
-    return [f"{q} {a}" for q, a in qs] + words + chat + ["What shape is the object? How many shapes are there?"]
+    caps = [caption([Item(k, c, p)]) for k, c, p in zip(SHAPES * 4, list(COLOURS) * 3, list(CELLS) * 3, strict=False)]
+    return [f"{q} {a}" for q, a in qs] + words + chat + caps + ["What shape is the object? How many shapes are there?"]
 
 
 def export(

@@ -86,7 +86,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=S, help="run directory (checkpoints, metrics.jsonl, final outputs)")
     ap.add_argument("--seed", type=int, default=S)
     ap.add_argument("--on-bad-sample", choices=["skip", "error"], default=S)
-    ap.add_argument("--teacher-cache", default=S, help="distill: teacher hidden-state cache (train_cuda.extract)")
+    ap.add_argument(
+        "--teacher-cache",
+        default=S,
+        help="teacher hidden-state cache (train_cuda.extract): --stage distill, or any stage plus the teacher loss",
+    )
     ap.add_argument("--alpha", type=float, default=S, help="distill: weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, default=S, help="distill: alpha decays linearly to this")
     ap.add_argument("--layer-map", default=S, help="distill: teacher:student layer pairs, e.g. -1:-1,16:12")

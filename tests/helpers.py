@@ -94,13 +94,6 @@ def hf_logits(model_dir: Path, ids: list[int], pixel_values: np.ndarray | None) 
         return ref(input_ids=torch.tensor([ids]), **kw).logits[0].numpy()
 
 
-VICUNA = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
-    "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
-)
-
-
 def make_teacher(
     out: Path,
     hidden: int = 48,
@@ -109,92 +102,13 @@ def make_teacher(
     seed: int = 0,
     tokenizer_from: Path | None = None,
 ) -> Path:
-    """A tiny teacher of the LLaVA-1.5 shape: CLIP vision, Llama LM, SentencePiece-style (Unigram) tokenizer,
-    'default' select strategy and vision_feature_layer -2, its own grid. With `tokenizer_from`, it uses that
-    model's tokenizer and chat template instead (a shared vocabulary, as logit KL needs)."""
-    import json
+    """A tiny random teacher of the LLaVA-1.5 shape (CLIP vision, Llama LM, Unigram tokenizer, Vicuna prompt,
+    'default' strategy, feature layer -2, its own grid); `tokenizer_from` shares that model's vocabulary."""
+    from train_cuda.experiments.tiny_teacher import build
 
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        PreTrainedTokenizerFast,
+    return build(
+        out, CORPUS, hidden, image_size=image_size, patch_size=patch_size, seed=seed, tokenizer_from=tokenizer_from
     )
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(
-        CORPUS + ["USER: ASSISTANT:"],
-        trainers.UnigramTrainer(
-            vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<image>"], unk_token="<unk>", show_progress=False
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<unk>",
-        additional_special_tokens=["<image>"],
-    )
-    fast.chat_template = VICUNA
-    if tokenizer_from is not None:
-        from transformers import AutoTokenizer
-
-        fast = AutoTokenizer.from_pretrained(str(tokenizer_from))
-    fast.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "do_resize": True,
-                "size": {"shortest_edge": image_size},
-                "do_center_crop": True,
-                "crop_size": {"height": image_size, "width": image_size},
-                "do_rescale": True,
-                "rescale_factor": 1 / 255,
-                "do_normalize": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "do_convert_rgb": True,
-                "resample": 3,
-            }
-        )
-    )
-    v = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
-    t = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(fast),
-        max_position_embeddings=1024,
-    )
-    cfg = LlavaConfig(
-        vision_config=v,
-        text_config=t,
-        image_token_index=fast.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(cfg).eval().save_pretrained(str(out))
-    return out
 
 
 def write_describe_data(root: Path, n: int = 8) -> tuple[Path, Path]:

@@ -1,0 +1,186 @@
+"""python -m train_cuda.experiments.shapes_kd: does distilling a bigger teacher help a tiny Pico? In miniature.
+
+1. Draws the embedded synthetic shapes task (bonsai_mlx.synthetic).
+2. Builds a teacher of the LLaVA-1.5 shape (CLIP vision with its own 6x6 grid, Llama LM, its own Unigram
+   tokenizer and Vicuna prompt) and trains it on all the training data (PyTorch).
+3. Extracts its hidden states at the units aligned to the student (train_cuda.extract: the same code and
+   cache as for LLaVA-1.5-7B).
+4. Trains the embedded default's tiny Pico from scratch on a small share of the data, with a = 0 (CE only)
+   and with the feature loss (a > 0), same steps, several seeds (bonsai_mlx.train, MLX).
+5. Reports held-out greedy exact match of the teacher and of every student: results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Setup:
+    out: str = "runs/shapes-kd"
+    n_train: int = 12000  # the teacher learns from all of it
+    share: float = 0.1  # the students see this first share of it
+    n_eval: int = 400
+    teacher_hidden: int = 128
+    teacher_layers: int = 4
+    teacher_vision_hidden: int = 64
+    teacher_steps: int = 3000
+    teacher_lr: float = 1e-3
+    student_steps: int = 600
+    student_lr: float = 1e-3
+    batch_size: int = 32
+    alpha: float = 0.5
+    layers: str = "-1,2"  # teacher hidden_states taken (the student gets the same relative depths)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+def _log(msg: str) -> None:
+    print(f"[shapes_kd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(s: Setup) -> dict:
+    from bonsai_mlx import synthetic
+    from bonsai_mlx.io import atomic_write_text
+    from bonsai_mlx.runner import make_default_model
+    from bonsai_mlx.train import DEFAULT_DATA
+    from train_cuda.experiments import tiny_teacher
+
+    out = Path(s.out)
+    data = out / "data"
+    if not (data / "eval.json").is_file():
+        _log(f"drawing {s.n_train} training and {s.n_eval} held-out samples")
+        synthetic.export(data, s.n_train, s.n_eval, seed=0, size=DEFAULT_DATA["image_size"])
+    train = json.loads((data / "train.json").read_text())
+    held = json.loads((data / "eval.json").read_text())
+    small = data / "student_share.json"
+    atomic_write_text(small, json.dumps(train[: max(1, int(len(train) * s.share))]))
+    images = str(data / "images")
+
+    teacher = out / "teacher"
+    if not (teacher / "trained.json").is_file():
+        tiny_teacher.build(
+            teacher,
+            synthetic.corpus(),
+            hidden=s.teacher_hidden,
+            layers=s.teacher_layers,
+            vision_hidden=s.teacher_vision_hidden,
+            image_size=DEFAULT_DATA["image_size"],
+            patch_size=8,
+            vocab_size=400,
+        )
+        _log(f"training the teacher ({s.teacher_steps} steps on {len(train)} samples)")
+        tiny_teacher.train(teacher, train, images, s.teacher_steps, s.batch_size, s.teacher_lr, log=_log)
+        acc = tiny_teacher.accuracy(teacher, held, images)
+        atomic_write_text(teacher / "trained.json", json.dumps({"heldout_exact_match": acc}))
+    teacher_acc = json.loads((teacher / "trained.json").read_text())["heldout_exact_match"]
+    _log(f"teacher held-out exact match: {teacher_acc:.1%}")
+
+    init = make_default_model(out / "student-init", DEFAULT_DATA["image_size"], 0)
+    cache = out / "cache"
+    from train_cuda.extract import main as extract
+
+    extract(
+        ["--teacher", str(teacher), "--data", str(small), "--image-root", images, "--student-tokenizer", str(init)]
+        + [f"--layers={s.layers}", "--out", str(cache), "--batch-size", "16"]
+    )
+    rows = []
+    for seed in s.seeds:
+        for arm in ("ce", "distill"):
+            run_dir = out / f"{arm}-seed{seed}"
+            if not (run_dir / "heldout.json").is_file():
+                _log(f"student {arm}, seed {seed}")
+                _train_student(s, init, small, images, run_dir, seed, cache if arm == "distill" else None)
+                _score(run_dir, data / "eval.json", images)
+            rows.append({"arm": arm, "seed": seed, **json.loads((run_dir / "heldout.json").read_text())})
+    summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows}
+    for arm in ("ce", "distill"):
+        accs = [r["overall"] for r in rows if r["arm"] == arm]
+        summary[arm] = {"mean": statistics.mean(accs), "stdev": statistics.pstdev(accs), "each": accs}
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.md", report(summary))
+    return summary
+
+
+def _train_student(s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache) -> None:
+    from bonsai_mlx.train import main as train
+
+    args = ["--model", str(init), "--data", str(data), "--image-root", images, "--stage", "full"]
+    args += ["--max-steps", str(s.student_steps), "--batch-size", str(s.batch_size), "--lr", str(s.student_lr)]
+    args += ["--warmup", str(max(1, s.student_steps // 10)), "--seed", str(seed), "--out", str(run_dir)]
+    args += ["--save-every", "0", "--eval-every", "0", "--log-every", "20", "--lora-dropout", "0"]
+    if cache is not None:
+        args += ["--teacher-cache", str(cache), "--alpha", str(s.alpha)]
+    if train(args) != 0:
+        raise RuntimeError(f"student run {run_dir} failed")
+
+
+def _score(run_dir: Path, eval_json: Path, images: str) -> None:
+    from bonsai_mlx import loading
+    from bonsai_mlx.io import atomic_write_text
+    from bonsai_mlx.processing import Processor
+    from bonsai_mlx.runner import accuracy
+
+    model, cfg = loading.load(run_dir / "model")
+    acc = accuracy(model, Processor(run_dir / "model", cfg), str(eval_json), images)
+    atomic_write_text(run_dir / "heldout.json", json.dumps(acc))
+
+
+def report(summary: dict) -> str:
+    s = summary["setup"]
+    n_small = int(s["n_train"] * s["share"])
+    lines = [
+        "# Distillation in miniature (train_cuda.experiments.shapes_kd)",
+        "",
+        f"Teacher (LLaVA-1.5 shape: CLIP 6x6 grid + Llama {s['teacher_layers']}x{s['teacher_hidden']}, own "
+        f"tokenizer) trained on {s['n_train']} samples: held-out exact match **{summary['teacher']:.1%}**.",
+        f"Students: the embedded default's tiny Pico from scratch on {n_small} samples, {s['student_steps']} "
+        f"steps, batch {s['batch_size']}; distilled with alpha {s['alpha']} on teacher layers {s['layers']}.",
+        "",
+        "| seed | CE only | distilled |",
+        "|---|---|---|",
+    ]
+    by = {(r["arm"], r["seed"]): r["overall"] for r in summary["runs"]}
+    for seed in s["seeds"]:
+        lines.append(f"| {seed} | {by[('ce', seed)]:.1%} | {by[('distill', seed)]:.1%} |")
+    ce, kd = summary["ce"], summary["distill"]
+    lines.append(f"| mean ± sd | {ce['mean']:.1%} ± {ce['stdev']:.1%} | {kd['mean']:.1%} ± {kd['stdev']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m train_cuda.experiments.shapes_kd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = Setup()
+    for f in ("out", "n_train", "share", "n_eval", "teacher_steps", "student_steps", "alpha", "layers"):
+        v = getattr(d, f)
+        ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+    ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
+    from bonsai_mlx.errors import friendly, glue_negative_lists
+
+    a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
+
+    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__ and k != "seeds"})
+    s.seeds = [int(x) for x in a.seeds.split(",") if x]
+    if a.quick:
+        s.n_train, s.n_eval, s.teacher_steps, s.student_steps, s.seeds = 200, 20, 4, 4, [0]
+        s.teacher_hidden, s.teacher_vision_hidden, s.teacher_layers, s.share = 32, 32, 2, 0.5
+        s.layers = "-1,1"
+    with friendly("shapes_kd"):
+        summary = run(s)
+    print(report(summary))
+    print(f"results: {Path(s.out) / 'results.json'}, {Path(s.out) / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
