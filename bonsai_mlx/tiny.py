@@ -100,6 +100,7 @@ def make_pico(
     text: TextConfig,
     vocab_size: int = 512,
     seed: int = 0,
+    init_std: float = 0.02,
     **kw,
 ):
     """A complete, randomly initialised Pico directory. Returns (model, config)."""
@@ -116,6 +117,6 @@ def make_pico(
     write_image_processor(out, vision.image_size)
     config = pico_config(vision, text, tok.convert_tokens_to_ids("<image>"), **kw)
     model = Pico(config)
-    init_weights(model, seed)
+    init_weights(model, seed, init_std)
     loading.save(model, out)
     return model, config

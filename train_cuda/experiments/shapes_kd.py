@@ -73,6 +73,7 @@ def run(s: Setup) -> dict:
             image_size=DEFAULT_DATA["image_size"],
             patch_size=8,
             vocab_size=400,
+            init_std=0.08,  # as the student's: 0.02 is sized for wide models (see bonsai_mlx.runner)
         )
         _log(f"training the teacher ({s.teacher_steps} steps on {len(train)} samples)")
         tiny_teacher.train(teacher, train, images, s.teacher_steps, s.batch_size, s.teacher_lr, log=_log)

@@ -31,6 +31,7 @@ def build(
     vocab_size: int = 200,
     seed: int = 0,
     tokenizer_from: str | Path | None = None,
+    init_std: float = 0.02,
 ) -> Path:
     """Random-weight teacher saved with save_pretrained. With `tokenizer_from` it takes that model's
     tokenizer and template (a shared vocabulary) instead of training its own Unigram one."""
@@ -95,6 +96,7 @@ def build(
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden,
+        initializer_range=init_std,
     )
     t = LlamaConfig(
         hidden_size=hidden,
@@ -104,6 +106,7 @@ def build(
         num_key_value_heads=4,
         vocab_size=len(fast),
         max_position_embeddings=1024,
+        initializer_range=init_std,
     )
     cfg = LlavaConfig(
         vision_config=v,
