@@ -2,7 +2,8 @@
 
 Predictions are appended to a JSONL file as they are produced, so an interrupted run resumes where it
 stopped. Metrics: VQA-normalised accuracy (vqa), POPE-style yes/no (yesno), ROUGE-L (rouge), BLEU-4
-(bleu). CIDEr and METEOR are not offered: their reference tools need Java or downloaded data.
+(bleu), CIDEr-D (cider; checked against pycocoevalcap's scorer). METEOR is not offered: its reference
+implementation is a Java jar with paraphrase tables, and NLTK's needs the WordNet download.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from bonsai_mlx.metrics import bleu4, pope, rouge_l, vqa_accuracy, yes_no
+from bonsai_mlx.metrics import bleu4, cider_d, pope, rouge_l, vqa_accuracy, yes_no
 
-METRICS = ("vqa", "yesno", "rouge", "bleu")
+METRICS = ("vqa", "yesno", "rouge", "bleu", "cider")
+NOT_OFFERED = {"meteor": "METEOR needs Java (the reference jar) or NLTK's WordNet download; not offered offline"}
 
 
 def qa_of(rec: dict) -> dict:
@@ -77,12 +79,14 @@ def score(rows: list[dict], metrics=METRICS) -> dict:
         out["rouge_l"] = sum(max(rouge_l(r["prediction"], a) for a in r["answers"]) for r in rows) / len(rows)
     if "bleu" in metrics:
         out["bleu4"] = bleu4([r["prediction"] for r in rows], [r["answers"] for r in rows])
+    if "cider" in metrics:
+        out["cider"] = cider_d([r["prediction"] for r in rows], [r["answers"] for r in rows])
     return out
 
 
 def table(s: dict) -> str:
     lines = ["| metric | value |", "|---|---|", f"| samples | {s['n']} |"]
-    for k in ("vqa", "rouge_l", "bleu4"):
+    for k in ("vqa", "rouge_l", "bleu4", "cider"):
         if k in s:
             lines.append(f"| {k} | {s[k]:.4f} |")
     for t, v in s.get("vqa_by_type", {}).items():
@@ -146,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     with friendly("evaluate"):
         metrics = tuple(m for m in a.metrics.split(",") if m)
         unknown = [m for m in metrics if m not in METRICS]
+        if unknown and unknown[0] in NOT_OFFERED:
+            raise ValueError(f"--metrics: {NOT_OFFERED[unknown[0]]}")
         if unknown:
             raise ValueError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
         model, proc = load(a.model)

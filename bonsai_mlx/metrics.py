@@ -1,4 +1,4 @@
-"""Answer metrics: VQA-normalised exact match, POPE-style yes/no, ROUGE-L and BLEU-4 (pure Python)."""
+"""Answer metrics: VQA-normalised exact match, POPE-style yes/no, ROUGE-L, BLEU-4 and CIDEr-D (pure Python)."""
 
 from __future__ import annotations
 
@@ -112,3 +112,39 @@ def bleu4(preds: list[str], refs: list[list[str]]) -> float:
     log_p = sum(math.log(m / t) for m, t in zip(match, total, strict=True)) / 4
     bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
     return bp * math.exp(log_p)
+
+
+def _ngrams(words: list[str], n_max: int = 4) -> Counter:
+    return Counter(tuple(words[i : i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1))
+
+
+def cider_d(preds: list[str], refs: list[list[str]], sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D (Vedantam et al.): n-gram (1-4) TF-IDF cosine against each reference, the candidate's
+    weights clipped to the reference's, a Gaussian length penalty, averaged over references and n, x10.
+    Document frequencies come from the references of this eval set, so scores depend on the set. Lengths
+    count bigrams, as the COCO caption toolkit does (its numbers are the ones people quote)."""
+    if len(preds) != len(refs) or not preds:
+        raise ValueError(f"cider_d needs one non-empty reference list per prediction ({len(preds)} vs {len(refs)})")
+    cand = [_ngrams(_tokens(p)) for p in preds]
+    grams = [[_ngrams(_tokens(r)) for r in rs] for rs in refs]
+    df: Counter = Counter(g for rs in grams for g in set().union(*rs))
+    log_n = math.log(len(refs))
+
+    def vec(c: Counter) -> tuple[list[dict], list[float], int]:
+        v: list[dict] = [{} for _ in range(4)]
+        for g, tf in c.items():
+            v[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
+        return v, [math.sqrt(sum(w * w for w in d.values())) for d in v], sum(c[g] for g in c if len(g) == 2)
+
+    total = 0.0
+    for c, rs in zip(cand, grams, strict=True):
+        vc, nc, lc = vec(c)
+        per_ref = 0.0
+        for r in rs:
+            vr, nr, lr = vec(r)
+            penalty = math.exp(-((lc - lr) ** 2) / (2 * sigma**2))
+            for n in range(4):
+                dot = sum(min(w, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, w in vc[n].items())
+                per_ref += (dot / (nc[n] * nr[n]) if nc[n] and nr[n] else dot) * penalty / 4
+        total += 10.0 * per_ref / len(rs)
+    return total / len(preds)

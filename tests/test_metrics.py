@@ -1,6 +1,8 @@
+import re
+
 import pytest
 
-from bonsai_mlx.metrics import bleu4, pope, rouge_l, vqa_accuracy, vqa_normalize
+from bonsai_mlx.metrics import bleu4, cider_d, pope, rouge_l, vqa_accuracy, vqa_normalize
 
 
 def test_vqa_normalisation():
@@ -53,6 +55,34 @@ def test_rouge_l_matches_rouge_score():
     ref = rouge_scorer.RougeScorer(["rougeL"])
     for p, r in SENTS:
         assert rouge_l(p, r) == pytest.approx(ref.score(r, p)["rougeL"].fmeasure, abs=1e-9)
+
+
+def test_cider_d_by_hand():
+    # Each n-gram occurs in one image's references: idf = log 2 for all; unigram and bigram cosines are 1,
+    # there are no 3- or 4-grams, equal lengths: 10 * (1 + 1 + 0 + 0) / 4.
+    assert cider_d(["a b", "c d"], [["a b"], ["c d"]]) == pytest.approx(5.0)
+    # An n-gram in every image's references carries no weight (idf 0); nothing shared scores 0.
+    assert cider_d(["x y", "c d"], [["a b"], ["c d"]]) == pytest.approx(2.5)
+    assert cider_d(["a b", "c d"], [["a b", "c d"], ["a b", "c d"]]) == 0.0
+    with pytest.raises(ValueError, match="one non-empty reference list per prediction"):
+        cider_d(["a"], [])
+
+
+def test_cider_d_matches_pycocoevalcap():
+    from pycocoevalcap.cider.cider import Cider
+
+    preds = ["a red circle at the top left", "two shapes", "a blue square and a green triangle", "yes", "three"]
+    refs = [
+        ["red circle top left", "a red circle in the top left corner"],
+        ["two", "there are two shapes"],
+        ["a blue square and a green triangle", "blue square, green triangle"],
+        ["yes"],
+        ["three shapes", "there are three"],
+    ]
+    tok = [" ".join(re.findall(r"\w+", s.lower())) for s in preds]
+    gts = {i: [" ".join(re.findall(r"\w+", r.lower())) for r in rs] for i, rs in enumerate(refs)}
+    theirs, _ = Cider().compute_score(gts, {i: [t] for i, t in enumerate(tok)})
+    assert cider_d(preds, refs) == pytest.approx(theirs, rel=1e-9)
 
 
 def test_bleu4_matches_sacrebleu():
@@ -120,3 +150,8 @@ def test_evaluate_cli_writes_predictions_and_resumes(pico_dir, tmp_path, capsys)
     s = json.loads((tmp_path / "p.summary.json").read_text())
     assert s["n"] == 3 and set(s["vqa_by_type"]) == {"colour", "yesno"} and s["yesno"]["n"] == 2
     assert "| vqa |" in capsys.readouterr().out
+    assert "cider" in s
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--metrics", "vqa,meteor"])
+    assert e.value.code == 2
+    assert "METEOR needs Java" in capsys.readouterr().err
