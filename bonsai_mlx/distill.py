@@ -49,17 +49,31 @@ class Aligners(nn.Module):
         self.proj = [nn.Linear(d_student, d_teacher) for _ in pairs]
 
 
-def feature_loss(aligners: Aligners, states: dict[int, mx.array], d: dict) -> mx.array:
+FEAT_LOSSES = ("mse", "cosine")
+
+
+def distance(pred: mx.array, target: mx.array, kind: str = "mse") -> mx.array:
+    """MSE, or 1 - cosine similarity per unit (scale-free: only the direction of the states is matched)."""
+    if kind == "cosine":
+        dot = (pred * target).sum(-1)
+        norms = mx.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
+        return (1 - dot / mx.maximum(norms, 1e-8)).mean()
+    if kind != "mse":
+        raise ValueError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
+    return ((pred - target) ** 2).mean()
+
+
+def feature_loss(aligners: Aligners, states: dict[int, mx.array], d: dict, kind: str = "mse") -> mx.array:
     total = mx.array(0.0)
     for i, (t_layer, s_layer) in enumerate(aligners.pairs):
         h = states[s_layer].reshape(-1, states[s_layer].shape[-1])
         terms = []
-        for kind in ("text", "image"):
-            pos = d.get(f"{kind}_pos")
+        for part in ("text", "image"):
+            pos = d.get(f"{part}_pos")
             if pos is None or pos.size == 0:
                 continue
             pred = ln(aligners.proj[i](h[pos].astype(mx.float32)))
-            terms.append(((pred - d[f"{kind}_{t_layer}"]) ** 2).mean())
+            terms.append(distance(pred, d[f"{part}_{t_layer}"], kind))
         if terms:
             total = total + sum(terms) / len(terms)
     return total / len(aligners.pairs)
@@ -141,6 +155,8 @@ def setup_distill(cfg, model, proc, train):
             f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); training without them"
         )
         train.examples = [e for e in train.examples if e.id in cache]
+    if cfg.feat_loss not in FEAT_LOSSES:
+        raise ValueError(f"feat_loss must be one of {', '.join(FEAT_LOSSES)}, got {cfg.feat_loss!r}")
     if cfg.kl:
         check_kl(cache, proc.tokenizer)
     n_student = len(model.language_model.model.layers)
@@ -157,7 +173,7 @@ def setup_distill(cfg, model, proc, train):
 
     def loss(ce, kept, batch, frac):
         d = batch["distill"]
-        feat = feature_loss(aligners, kept, d)
+        feat = feature_loss(aligners, kept, d, cfg.feat_loss)
         a = alpha_at(cfg.alpha, cfg.alpha_end, frac)
         total = (1 - a) * ce + a * feat
         if cfg.kl:

@@ -62,6 +62,7 @@ class TrainConfig:
     teacher_cache: str | None = None
     alpha: float = 0.5
     alpha_end: float | None = None
+    feat_loss: str = "mse"  # or "cosine"
     layer_map: str | None = None
     kl: bool = False  # + kl_weight * KL(teacher top-k || student) when the vocabularies are shared
     kl_weight: float = 1.0

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bonsai_mlx.distill import Aligners, alpha_at, feature_loss, parse_layer_map
+from bonsai_mlx.distill import Aligners, alpha_at, distance, feature_loss, parse_layer_map
 
 
 def _inputs(rng):
@@ -16,7 +16,8 @@ def _inputs(rng):
     return states, d
 
 
-def test_feature_loss_is_the_same_number_in_mlx_and_pytorch():
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_feature_loss_is_the_same_number_in_mlx_and_pytorch(kind):
     import torch
 
     from train_cuda import losses
@@ -30,15 +31,24 @@ def test_feature_loss_is_the_same_number_in_mlx_and_pytorch():
         for i in range(2):
             theirs.proj[i].weight.copy_(torch.tensor(np.array(ours.proj[i].weight)))
             theirs.proj[i].bias.copy_(torch.tensor(np.array(ours.proj[i].bias)))
-    a = feature_loss(ours, {k: mx.array(v) for k, v in states.items()}, {k: mx.array(v) for k, v in d.items()})
+    a = feature_loss(ours, {k: mx.array(v) for k, v in states.items()}, {k: mx.array(v) for k, v in d.items()}, kind)
     b = losses.feature_loss(
-        theirs, {k: torch.tensor(v) for k, v in states.items()}, {k: torch.tensor(v) for k, v in d.items()}
+        theirs, {k: torch.tensor(v) for k, v in states.items()}, {k: torch.tensor(v) for k, v in d.items()}, kind
     )
     assert abs(a.item() - b.item()) < 1e-5 and a.item() > 0
     ce = 2.5
     assert abs(alpha_at(0.5, 0.1, 0.25) - 0.4) < 1e-9
     t = losses.distill_loss(torch.tensor(ce), b, 0.5, 0.1, 0.25).item()
     assert abs(t - ((1 - 0.4) * ce + 0.4 * a.item())) < 1e-5
+
+
+def test_cosine_distance_ignores_scale_and_mse_does_not():
+    x = mx.array(np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32))
+    assert distance(x, 3 * x, "cosine").item() < 1e-6
+    assert abs(distance(x, -x, "cosine").item() - 2.0) < 1e-6
+    assert distance(x, 3 * x, "mse").item() > 1.0
+    with pytest.raises(ValueError, match="feature loss must be one of mse, cosine"):
+        distance(x, x, "l1")
 
 
 def test_kl_loss_matches_pytorch_and_the_exact_kl():

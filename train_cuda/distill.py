@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-cache", required=True, help="made by python -m train_cuda.extract")
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, help="alpha decays linearly to this")
+    ap.add_argument(
+        "--feat-loss", choices=["mse", "cosine"], default="mse", help="distance to the teacher states (default mse)"
+    )
     ap.add_argument("--layer-map", help="teacher:student layer pairs, e.g. -1:-1,16:12 (default: relative depth)")
     ap.add_argument("--kl", action="store_true", help="add logit KL (shared vocabulary; cache made with --kl-topk)")
     ap.add_argument("--kl-weight", type=float, default=1.0)

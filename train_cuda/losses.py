@@ -15,19 +15,28 @@ class Aligners(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in pairs)
 
 
-def feature_loss(aligners: Aligners, states: dict[int, torch.Tensor], d: dict) -> torch.Tensor:
-    """Mean over matched layers of MSE(teacher, LayerNorm(Proj(h_student))), text and image units equally."""
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    if kind == "cosine":
+        dot = (pred * target).sum(-1)
+        norms = torch.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
+        return (1 - dot / norms.clamp_min(1e-8)).mean()
+    return ((pred - target) ** 2).mean()
+
+
+def feature_loss(aligners: Aligners, states: dict[int, torch.Tensor], d: dict, kind: str = "mse") -> torch.Tensor:
+    """Mean over matched layers of MSE (or 1 - cosine) between the teacher and LayerNorm(Proj(h_student)),
+    text and image units equally."""
     total = 0.0
     for i, (t_layer, s_layer) in enumerate(aligners.pairs):
         h = states[s_layer].reshape(-1, states[s_layer].shape[-1])
         terms = []
-        for kind in ("text", "image"):
-            pos = d.get(f"{kind}_pos")
+        for part in ("text", "image"):
+            pos = d.get(f"{part}_pos")
             if pos is None or pos.numel() == 0:
                 continue
             x = aligners.proj[i](h[pos].float())
             pred = F.layer_norm(x, x.shape[-1:], eps=1e-5)
-            terms.append(((pred - d[f"{kind}_{t_layer}"].float()) ** 2).mean())
+            terms.append(distance(pred, d[f"{part}_{t_layer}"].float(), kind))
         if terms:
             total = total + sum(terms) / len(terms)
     return total / len(aligners.pairs)

@@ -116,7 +116,7 @@ def train(a, distill: bool) -> dict:
                     if k in d:
                         d[k] = d[k].long()
                 states = {s: o.hidden_states[s] for s in keep}
-                feat = feature_loss(aligners, states, d)
+                feat = feature_loss(aligners, states, d, a.feat_loss)
                 loss = distill_loss(ce, feat, a.alpha, a.alpha_end, step / max(1, total - 1))
                 if a.kl:
                     hk = h.reshape(-1, h.shape[-1])[d["kl_pos"]]

@@ -129,6 +129,8 @@ def test_distill_kl_runs_with_a_shared_vocabulary_and_is_refused_without(pico_di
     args = ["--teacher", str(teacher), "--data", str(setup / "d.json"), "--image-root", str(setup / "img")]
     args += ["--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")]
     assert extract([*args, "--kl-topk", "8"]) == 0
-    assert distill([*common, "--teacher-cache", str(tmp_path / "cache"), "--layer-map", "-1:-1"]) == 0
+    cache = str(tmp_path / "cache")
+    assert distill([*common, "--teacher-cache", cache, "--layer-map", "-1:-1", "--feat-loss", "cosine"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
+    assert all(0 < r["feat"] < 2 for r in rows)  # 1 - cosine: bounded, unlike the MSE
