@@ -23,6 +23,13 @@ CACHE = Path(os.environ.get("BONSAI_CACHE", Path.home() / ".cache" / "bonsai_mlx
 
 
 def peak_rss_gb() -> float:
+    """This process's own peak RSS. On Linux ru_maxrss survives execve, so a worker started by a big parent
+    would report the parent's size; the memory map's high-water mark (VmHWM) starts afresh at exec."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1e9 if sys.platform == "darwin" else r * 1024 / 1e9
 
