@@ -85,15 +85,21 @@ def plot(rows: list[dict], x: str, xlabel: str, path: Path, lower_is_better: boo
     pts = [(-r[x] if lower_is_better else r[x], r["quality"]) for r in rows]
     best = pareto(pts)
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for r, b in zip(rows, best, strict=True):
+    for i, (r, b) in enumerate(sorted(zip(rows, best, strict=True), key=lambda rb: rb[0][x])):
         ax.scatter(r[x], r["quality"], s=60, c="tab:red" if b else "tab:gray", zorder=3)
-        ax.annotate(r["variant"], (r[x], r["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # neighbours in x get labels at different heights so close variants stay readable
+        ax.annotate(
+            r["variant"], (r[x], r["quality"]), textcoords="offset points", xytext=(4, 6 + 11 * (i % 3)), fontsize=8
+        )
     front = sorted((r[x], r["quality"]) for r, b in zip(rows, best, strict=True) if b)
     if len(front) > 1:
         ax.plot(*zip(*front, strict=True), c="tab:red", lw=1, ls="--", zorder=2, label="Pareto frontier")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("quality (exact match)")
+    q = [r["quality"] for r in rows]
+    pad = max(0.02, (max(q) - min(q)) * 0.15)
+    ax.set_ylim(max(0.0, min(q) - pad), min(1.0, max(q)) + pad)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")
