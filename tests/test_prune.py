@@ -108,3 +108,23 @@ def test_bad_keep_is_a_one_line_error(pico_dir, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--mlp-keep must be in (0, 1]" in err and "Traceback" not in err
+
+
+def test_pruned_checkpoint_heals_with_lora_training(pico_dir, tmp_path):
+    from bonsai_mlx.train import main as train
+
+    out = tmp_path / "p"
+    assert main(["--model", str(pico_dir), "--out", str(out), "--mlp-keep", "0.5", "--heads-keep", "0.5"]) == 0
+    data, img = write_describe_data(tmp_path / "d", n=4)
+    run = tmp_path / "heal"
+    args = ["--model", str(out), "--data", str(data), "--image-root", str(img), "--out", str(run)]
+    extra = ["--stage", "instruct", "--max-steps", "8", "--batch-size", "4", "--lr", "3e-3", "--log-every", "1"]
+    assert train([*args, *extra]) == 0
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    # the healed adapter merges into the pruned base: a standard checkpoint again
+    from convert.__main__ import main as convert
+
+    assert convert(["fuse", str(out), str(run / "checkpoints" / "final"), str(tmp_path / "healed")]) == 0
+    healed, cfg = loading.load(tmp_path / "healed")
+    assert cfg.text.intermediate_size == loading.load(out)[1].text.intermediate_size
