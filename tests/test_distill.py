@@ -51,6 +51,16 @@ def test_cosine_distance_ignores_scale_and_mse_does_not():
         distance(x, x, "l1")
 
 
+def test_pytorch_distance_refuses_an_unknown_feature_loss_as_mlx_does():
+    import torch
+
+    from train_cuda.losses import distance as torch_distance
+
+    x = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="feature loss must be one of mse, cosine"):
+        torch_distance(x, x, "l1")
+
+
 def test_kl_loss_matches_pytorch_and_the_exact_kl():
     import torch
 

@@ -20,6 +20,8 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
         dot = (pred * target).sum(-1)
         norms = torch.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
         return (1 - dot / norms.clamp_min(1e-8)).mean()
+    if kind != "mse":
+        raise ValueError(f"feature loss must be one of mse, cosine, got {kind!r}")
     return ((pred - target) ** 2).mean()
 
 
