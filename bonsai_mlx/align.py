@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+# How a student state is compared with the teacher's at an aligned unit (both sides' losses accept these).
+FEAT_LOSSES = ("mse", "cosine")
+
 
 def token_ends(offsets: list[tuple[int, int]], span: tuple[int, int]) -> dict[int, int]:
     """{end character relative to span start: token index} for non-empty tokens inside `span`."""

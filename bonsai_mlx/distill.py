@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from bonsai_mlx.align import FEAT_LOSSES
 from bonsai_mlx.data import Batch
 from bonsai_mlx.teacher_cache import CacheReader
 
@@ -47,9 +48,6 @@ class Aligners(nn.Module):
         self.pairs = pairs
         self.student_layers = [s for _, s in pairs]
         self.proj = [nn.Linear(d_student, d_teacher) for _ in pairs]
-
-
-FEAT_LOSSES = ("mse", "cosine")
 
 
 def distance(pred: mx.array, target: mx.array, kind: str = "mse") -> mx.array:

@@ -13,6 +13,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from bonsai_mlx.align import FEAT_LOSSES
 from bonsai_mlx.trainer import STAGES, TrainConfig
 
 # The embedded default: sized to reach >= 90% held-out exact match within minutes on 2 CPU cores.
@@ -94,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=S, help="distill: weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, default=S, help="distill: alpha decays linearly to this")
     ap.add_argument("--layer-map", default=S, help="distill: teacher:student layer pairs, e.g. -1:-1,16:12")
-    ap.add_argument("--feat-loss", choices=["mse", "cosine"], default=S, help="distill: distance to the teacher states")
+    ap.add_argument("--feat-loss", choices=FEAT_LOSSES, default=S, help="distill: distance to the teacher states")
     ap.add_argument(
         "--kl",
         action="store_true",

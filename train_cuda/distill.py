@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bonsai_mlx.align import FEAT_LOSSES
 from train_cuda.trainer import add_common_args, train
 
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the feature loss")
     ap.add_argument("--alpha-end", type=float, help="alpha decays linearly to this")
     ap.add_argument(
-        "--feat-loss", choices=["mse", "cosine"], default="mse", help="distance to the teacher states (default mse)"
+        "--feat-loss", choices=FEAT_LOSSES, default="mse", help="distance to the teacher states (default mse)"
     )
     ap.add_argument("--layer-map", help="teacher:student layer pairs, e.g. -1:-1,16:12 (default: relative depth)")
     ap.add_argument("--kl", action="store_true", help="add logit KL (shared vocabulary; cache made with --kl-topk)")

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonsai_mlx.align import FEAT_LOSSES
+
 
 class Aligners(nn.Module):
     def __init__(self, pairs: list[tuple[int, int]], d_student: int, d_teacher: int):
@@ -21,7 +23,7 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
         norms = torch.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
         return (1 - dot / norms.clamp_min(1e-8)).mean()
     if kind != "mse":
-        raise ValueError(f"feature loss must be one of mse, cosine, got {kind!r}")
+        raise ValueError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
     return ((pred - target) ** 2).mean()
 
 
