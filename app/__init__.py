@@ -1,3 +1,3 @@
 """Local Gradio chat over images with a Pico: `python -m app --help`."""
 
-import bonsai_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
+import bonsai_mlx  # noqa: F401  (OpenBLAS is preloaded at the first mlx.core import on Linux)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.generate import ChatSession, Sampling
-from bonsai_mlx.images import ImageError, load_image
 
 MAX_PROMPT_TOKENS = 2048
 

@@ -2,7 +2,9 @@
 
 The `mlx[cpu]` wheel links a reference BLAS (~5 GFLOP/s on a laptop core). Loading the system
 OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes MLX bind to it instead
-(~30x faster GEMM). This must run before anything imports mlx, so `bonsai_mlx/__init__` calls it.
+(~30x faster GEMM). This must run before anything imports mlx.core, yet a process that never imports
+MLX (the PyTorch side) must not get a second BLAS: `install_hook` defers the preload to the moment
+`mlx.core` is first imported.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import os
 import platform
 import sys
+from importlib.abc import MetaPathFinder
 
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -46,3 +49,27 @@ def preload_openblas() -> str | None:
         file=sys.stderr,
     )
     return None
+
+
+class _PreloadBeforeMLX(MetaPathFinder):
+    """Finds nothing itself; on the first look-up of `mlx.core` it loads OpenBLAS and steps aside."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "mlx.core":
+            uninstall_hook()
+            preload_openblas()
+        return None
+
+
+_hook = _PreloadBeforeMLX()
+
+
+def install_hook() -> None:
+    """Arrange for `preload_openblas` to run just before `mlx.core` loads (now, if it already did: no-op)."""
+    if "mlx.core" not in sys.modules and sys.platform == "linux" and _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def uninstall_hook() -> None:
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)

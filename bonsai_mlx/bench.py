@@ -51,7 +51,7 @@ def random_pico(out: Path = CACHE / "random-pico") -> Path:
     import mlx.core as mx
 
     from bonsai_mlx import loading
-    from bonsai_mlx.config import TextConfig, VisionConfig
+    from bonsai_mlx.core.config import TextConfig, VisionConfig
     from bonsai_mlx.model import Pico
     from bonsai_mlx.qwen_vocab import build_qwen25_tokenizer
     from bonsai_mlx.tiny import init_weights, pico_config, write_image_processor
@@ -78,7 +78,7 @@ def variant_dir(base: Path, variant: str) -> Path:
     bits, vision = kinds[variant]
     d = base.with_name(f"{base.name}-{variant}")
     if not (d / "config.json").is_file():
-        from convert.hf_mlx import to_mlx
+        from bonsai_mlx.conversion.hf_mlx import to_mlx
 
         to_mlx(base, d, dtype="float16", bits=bits, quantize_vision=vision)
     return d
@@ -110,7 +110,7 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    from bonsai_mlx.config import PicoConfig
+    from bonsai_mlx.core.config import PicoConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = PicoConfig.load(model_dir)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(fn()))
         return 0
 
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
 
     with friendly("bench"):
         base = random_pico() if a.random else Path(a.model)

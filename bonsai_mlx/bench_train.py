@@ -20,10 +20,12 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
 
     from bonsai_mlx import loading
     from bonsai_mlx.bench import bench_image, peak_rss_gb, random_pico
-    from bonsai_mlx.data import Example, collate
-    from bonsai_mlx.processing import Processor
+    from bonsai_mlx.core.batching import collate
+    from bonsai_mlx.core.processing import Processor
+    from bonsai_mlx.core.records import Example
+    from bonsai_mlx.core.train_config import TrainConfig
     from bonsai_mlx.quantize import quantize_base
-    from bonsai_mlx.trainer import TrainConfig, Trainer, setup_trainable
+    from bonsai_mlx.trainer import Trainer, setup_trainable
 
     d = random_pico()
     model, cfg = loading.load(d)
@@ -43,7 +45,7 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     img = bench_image()
     batch_ = collate(ex, proc, 0)  # the image tokens are in ids; pixels are attached below
     batch_.pixel_values = proc.pixel_values([img] * batch)
-    from bonsai_mlx.data import Dataset
+    from bonsai_mlx.core.records import Dataset
 
     tr = Trainer(tc, model, proc, Dataset(ex))
     tr.train_step([batch_])  # warm-up

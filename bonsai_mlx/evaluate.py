@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
     ap.add_argument("--limit", type=int, help="only the first N records")
     a = ap.parse_args(argv)
-    from bonsai_mlx.data import read_records
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
+    from bonsai_mlx.core.io import atomic_write_text
+    from bonsai_mlx.core.records import read_records
     from bonsai_mlx.generate import load
-    from bonsai_mlx.io import atomic_write_text
 
     with friendly("evaluate"):
         metrics = tuple(m for m in a.metrics.split(",") if m)

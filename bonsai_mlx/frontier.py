@@ -41,7 +41,7 @@ def build_variant(base: Path, spec: str, root: Path, calib: list[dict] | None = 
     out = root / spec
     if (out / "config.json").is_file():
         return out
-    from convert.hf_mlx import to_mlx
+    from bonsai_mlx.conversion.hf_mlx import to_mlx
 
     keep, bits = parse_variant(spec)
     src = base
@@ -61,7 +61,7 @@ def _prune(base: Path, out: Path, keep: float, calib, image_root) -> None:
     import mlx.core as mx
 
     from bonsai_mlx import loading
-    from bonsai_mlx.processing import Processor
+    from bonsai_mlx.core.processing import Processor
     from bonsai_mlx.prune import PruneConfig, prune
 
     model, cfg = loading.load(base, dtype=mx.float32)
@@ -124,7 +124,7 @@ def table(rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> list[dict]:
     from bonsai_mlx import loading
     from bonsai_mlx.bench import random_pico, spawn
-    from bonsai_mlx.data import read_records
+    from bonsai_mlx.core.records import read_records
     from bonsai_mlx.evaluate import evaluate
     from bonsai_mlx.generate import load
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _lm_params(model_dir: Path) -> int:
     """LM parameter count from the config (quantized tensors pack several weights per element)."""
-    from bonsai_mlx.config import PicoConfig
+    from bonsai_mlx.core.config import PicoConfig
 
     t = PicoConfig.load(model_dir).text
     hd = t.attention_head_dim
@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64, help="forced new tokens for decode speed")
     args = ap.parse_args(argv)
-    from bonsai_mlx.errors import friendly
-    from bonsai_mlx.io import atomic_write_text
+    from bonsai_mlx.core.errors import friendly
+    from bonsai_mlx.core.io import atomic_write_text
 
     with friendly("frontier"):
         rows = run(args)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from bonsai_mlx.core.processing import IMAGE, Message, Processor
 from bonsai_mlx.model import Pico
-from bonsai_mlx.processing import IMAGE, Message, Processor
 
 
 @dataclass
@@ -111,43 +111,31 @@ class ChatSession:
             n -= 1
         return n
 
-    def _respond(self, sampling: Sampling) -> Iterator[Chunk]:
+    def _prefill(self, ids: list[int]) -> tuple[mx.array, int]:
+        """Run the part of `ids` the cache lacks (encoding only new images). Returns (last states, reused)."""
         model, proc = self.model, self.processor
-        self.stop_requested = False
-        prompt_text, ids = self._encode()
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
         if self.cache is None:
             self.cache = make_prompt_cache(model.language_model)
         keep = self._reuse(ids)
         trim_prompt_cache(self.cache, len(self.cached_ids) - keep)
         new = ids[keep:]
-        n_img_tokens = sum(1 for t in new if t == proc.image_token_id)
-        n_new_images = n_img_tokens // model.config.num_image_tokens
+        n_new_images = sum(1 for t in new if t == proc.image_token_id) // model.config.num_image_tokens
         feats = None
         if n_new_images:
             pv = proc.pixel_values(self.images[len(self.images) - n_new_images :])
             feats = model.image_features(mx.array(pv))
-        stats = Stats(prompt_tokens=len(new), cached_tokens=keep)
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
-        sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p)
-
-        never = _never(model, proc)
-
-        def next_token(h: mx.array) -> mx.array:
-            logits = model.lm_head(h[:, -1, :]).astype(mx.float32) + never  # <image> is input-only
-            return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
         h, _ = model.run_layers(model.embed(mx.array([new]), feats), self.cache)
-        y = next_token(h)
-        mx.eval(y)
-        stats.ttft_s = time.perf_counter() - t0
-        stats.prefill_tps = len(new) / stats.ttft_s
         self.cached_ids = ids
-        out: list[int] = []
+        return h, keep
+
+    def _decode(
+        self, y: mx.array, next_token: Callable, sampling: Sampling, out: list[int]
+    ) -> Generator[Chunk, None, tuple[str, str, int]]:
+        """Sample until a stop token, max_tokens or stop(); the next step computes while a chunk is yielded.
+
+        Fills `out` with the answer's tokens; returns (finish reason, text shown so far, tokens shown)."""
+        proc = self.processor
         shown, n_shown = "", 0
-        t1 = time.perf_counter()
         reason = "length"
         while len(out) < sampling.max_tokens:
             tok = int(y.item())
@@ -155,8 +143,9 @@ class ChatSession:
                 reason = "stop"
                 break
             out.append(tok)
-            if len(out) < sampling.max_tokens and not self.stop_requested:
-                h, _ = model.run_layers(model.embed(y.reshape(1, 1)), self.cache)
+            more = len(out) < sampling.max_tokens
+            if more and not self.stop_requested:
+                h, _ = self.model.run_layers(self.model.embed(y.reshape(1, 1)), self.cache)
                 y_next = next_token(h)
                 mx.async_eval(y_next)  # computes while we detokenize and yield
             self.cached_ids = self.cached_ids + [tok]
@@ -167,12 +156,29 @@ class ChatSession:
             if self.stop_requested:
                 reason = "stopped"
                 break
-            if len(out) < sampling.max_tokens:
+            if more:
                 y = y_next
+        return reason, shown, n_shown
+
+    def _respond(self, sampling: Sampling) -> Iterator[Chunk]:
+        self.stop_requested = False
+        prompt_text, ids = self._encode()
+        mx.reset_peak_memory()
+        t0 = time.perf_counter()
+        next_token = _token_picker(self.model, self.processor, sampling)
+        h, keep = self._prefill(ids)
+        y = next_token(h)
+        mx.eval(y)
+        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
+        stats.ttft_s = time.perf_counter() - t0
+        stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
+        out: list[int] = []
+        t1 = time.perf_counter()
+        reason, shown, n_shown = yield from self._decode(y, next_token, sampling, out)
         # the last sampled token was never fed to the cache
         if len(self.cached_ids) > self.cache[0].offset:
             self.cached_ids = self.cached_ids[: self.cache[0].offset]
-        final = proc.decode(out)
+        final = self.processor.decode(out)
         dt = time.perf_counter() - t1
         stats.generated_tokens = len(out)
         stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
@@ -181,6 +187,20 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": final})
         self._text, self._ids = prompt_text + final, ids + out
         yield Chunk(final[len(shown) :], out[n_shown:], stats)
+
+
+def _token_picker(model: Pico, proc: Processor, sampling: Sampling) -> Callable[[mx.array], mx.array]:
+    """Last hidden states -> the next token, by the sampling settings; <image> is input-only, never sampled."""
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p)
+    never = _never(model, proc)
+
+    def next_token(h: mx.array) -> mx.array:
+        logits = model.lm_head(h[:, -1, :]).astype(mx.float32) + never
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return next_token
 
 
 def generate(
@@ -261,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
 
     with friendly():
         model, proc = load(args.model)

@@ -8,26 +8,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.io import load_weights, save_weights
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.hub import resolve
 from bonsai_mlx.model import Pico
+from bonsai_mlx.weights import load_weights, save_weights
 
 CONV = "vision_tower.vision_model.embeddings.patch_embedding.weight"
-
-
-def resolve(path_or_id: str | Path) -> Path:
-    """A local directory as is; anything else is treated as a hub id and downloaded (safetensors only)."""
-    p = Path(path_or_id).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise FileNotFoundError(f"{p}: is a file, expected a model directory")
-        return p
-    if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_id}: no such model directory")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
-    return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
 
 
 def canonical_key(k: str) -> str:

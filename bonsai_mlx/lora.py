@@ -11,17 +11,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
-from bonsai_mlx.io import atomic_save_safetensors, atomic_write_text
+from bonsai_mlx.core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, lm_target_regex
+from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.loading import canonical_key
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def lm_target_regex(targets: tuple[str, ...] | list[str]) -> str:
-    """PEFT target regex: the LM's projections only (SigLIP's attention shares the q/k/v names)."""
-    return r".*language_model.*\.(" + "|".join(targets) + r")$"
+from bonsai_mlx.weights import atomic_save_safetensors
 
 
 def apply_lora(model: nn.Module, targets=TARGETS, rank: int = 16, alpha: float = 32, dropout: float = 0.0) -> int:

@@ -8,11 +8,11 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 
-from bonsai_mlx.config import PicoConfig
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.quantize import DEQUANT_ROWS, dequantized
 from bonsai_mlx.vision import VisionTower
 
 ACT = {"gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
-DEQUANT_ROWS = 8  # above this many rows, dequantize + GEMM beats quantized_matmul on the CPU
 
 
 class Projector(nn.Module):
@@ -130,7 +130,3 @@ class Pico(nn.Module):
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         h, _ = self.run_layers(self.embed(input_ids, feats), cache)
         return self.lm_head(h)
-
-
-def dequantized(m: nn.Module) -> mx.array:
-    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)

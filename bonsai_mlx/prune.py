@@ -82,8 +82,9 @@ def weight_scores(model: Pico) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 def calibration_scores(model: Pico, proc, records: list[dict], image_root: str | None, batch_size: int):
     """Energy into the residual stream per MLP channel and per KV group, measured on real inputs."""
-    from bonsai_mlx.data import Dataset, collate
-    from bonsai_mlx.trainer import forward_states, to_mx
+    from bonsai_mlx.core.batching import collate
+    from bonsai_mlx.core.records import Dataset
+    from bonsai_mlx.loss import forward_states, to_mx
 
     layers = model.language_model.layers
     for layer in layers:
@@ -164,7 +165,7 @@ def lm_parameters(model: Pico) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
 
     ap = argparse.ArgumentParser(
         prog="python -m bonsai_mlx.prune",
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
         from bonsai_mlx import loading
-        from bonsai_mlx.data import read_records
-        from bonsai_mlx.processing import Processor
+        from bonsai_mlx.core.processing import Processor
+        from bonsai_mlx.core.records import read_records
 
         src = loading.resolve(args.model)
         model, pcfg = loading.load(src, dtype=mx.float32)

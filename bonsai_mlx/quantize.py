@@ -8,7 +8,13 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from bonsai_mlx.model import DEQUANT_ROWS, dequantized
+DEQUANT_ROWS = 8  # above this many rows, dequantize + GEMM beats quantized_matmul on the CPU
+
+
+def dequantized(m: nn.Module) -> mx.array:
+    """The float weight of a quantized layer."""
+    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+
 
 _LM = re.compile(
     r"^language_model\.(model\.embed_tokens|model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|lm_head)\.weight$"

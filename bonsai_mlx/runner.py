@@ -9,43 +9,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx import loading, lora
-from bonsai_mlx.data import Dataset, read_records
-from bonsai_mlx.io import atomic_write_text
-from bonsai_mlx.processing import Processor
-from bonsai_mlx.trainer import TrainConfig, Trainer, seed_everything, setup_trainable
-
-
-def make_default_model(out: Path, image_size: int, seed: int, patch_size: int = 12) -> Path:
-    """The embedded default's tiny Pico: small SigLIP + small Qwen2 + a tokenizer trained on the task."""
-    from bonsai_mlx import synthetic, tiny
-    from bonsai_mlx.config import TextConfig, VisionConfig
-
-    if (out / "config.json").is_file():
-        return out
-    # 12px patches: a 4x4 grid, 2x2 patches per quadrant the shapes sit in; 16 image tokens keep steps cheap.
-    vision = VisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_use_head=False,
-    )
-    text = TextConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=10000.0,
-    )
-    # transformers' 0.02 init is sized for widths near 1000; at width 128 it leaves attention uniform for
-    # hundreds of steps. ~1/sqrt(width) gives non-uniform attention from the start: measured here, held-out
-    # exact match after 750 steps went from 56% to 72% (the position-keyed look-ups are learned early).
-    tiny.make_pico(out, synthetic.corpus(), vision, text, vocab_size=400, seed=seed, init_std=0.08)
-    return out
+from bonsai_mlx.core.io import atomic_write_text
+from bonsai_mlx.core.processing import Processor
+from bonsai_mlx.core.records import Dataset, read_records
+from bonsai_mlx.core.train_config import TrainConfig
+from bonsai_mlx.embedded import DEFAULT_DATA, accuracy, make_default_model
+from bonsai_mlx.trainer import Trainer, seed_everything, setup_trainable
 
 
 def default_dtype(cfg: TrainConfig):
@@ -55,13 +24,11 @@ def default_dtype(cfg: TrainConfig):
 
 
 def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> list[str]:
-    from bonsai_mlx.train import DEFAULT_DATA
-
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     embedded = cfg.model is None and cfg.data is None
     if embedded:
-        from bonsai_mlx import synthetic
+        from bonsai_mlx.core import synthetic
 
         data_dir = out / "data"
         if not (data_dir / "train.json").is_file():
@@ -134,18 +101,3 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
             f"  python -m app --model {out / 'model'}",
         ]
     return lines
-
-
-def accuracy(model, proc, data: str, image_root: str | None, limit: int | None = None) -> dict[str, float]:
-    """Greedy exact match per question type (records carry a 'type')."""
-    from bonsai_mlx.evaluate import predict_records
-    from bonsai_mlx.metrics import vqa_normalize
-
-    recs = read_records(data)[:limit]
-    preds = predict_records(model, proc, recs, image_root, max_tokens=8)
-    by: dict[str, list[bool]] = {}
-    for rec, pred in zip(recs, preds, strict=True):
-        ok = vqa_normalize(pred) == vqa_normalize(rec["conversations"][1]["value"])
-        by.setdefault(rec.get("type", "all"), []).append(ok)
-        by.setdefault("overall", []).append(ok)
-    return {k: sum(v) / len(v) for k, v in sorted(by.items())}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from bonsai_mlx.config import PicoConfig, TextConfig, VisionConfig
-from bonsai_mlx.io import atomic_write_text
+from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig
+from bonsai_mlx.core.io import atomic_write_text
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 

@@ -13,26 +13,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from bonsai_mlx.align import FEAT_LOSSES
-from bonsai_mlx.trainer import STAGES, TrainConfig
-
-# The embedded default: sized to reach >= 90% held-out exact match within minutes on 2 CPU cores.
-DEFAULT = dict(
-    stage="full",
-    group_by_length=False,
-    batch_size=32,
-    lr=5e-4,
-    warmup=100,
-    max_steps=2000,
-    weight_decay=0.01,
-    max_length=128,
-    eval_every=400,
-    save_every=400,
-    log_every=20,
-    out="runs/shapes",
-    lora_dropout=0.0,
-)
-DEFAULT_DATA = dict(n_train=12000, n_eval=400, image_size=48)
+from bonsai_mlx.core.align import FEAT_LOSSES
+from bonsai_mlx.core.train_config import STAGES, TrainConfig
+from bonsai_mlx.embedded import DEFAULT, DEFAULT_DATA
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     d: dict = {}
     if args.resume:
-        from bonsai_mlx.trainer import resolve_checkpoint
+        from bonsai_mlx.checkpoint import resolve_checkpoint
 
         d.update(json.loads((resolve_checkpoint(args.resume) / "state.json").read_text())["config"])
     if args.config:
@@ -139,13 +122,13 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bonsai_mlx.errors import friendly, glue_negative_lists
+    from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
     args = parser().parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
 
     with friendly("train"):
         if args.export:
-            from bonsai_mlx.synthetic import export
+            from bonsai_mlx.core.synthetic import export
 
             tr, ev = export(args.export, DEFAULT_DATA["n_train"] // 6, DEFAULT_DATA["n_eval"] // 2)
             print(f"wrote {tr} and {ev} (LLaVA format) with images in {Path(args.export) / 'images'}")

@@ -1,120 +1,28 @@
-"""The MLX training loop: stages, loss at supervised positions only, accumulation, exact resume."""
+"""The MLX training loop: per-stage freezing, the LR schedule, accumulation, data-parallel, SIGINT-safe."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from bonsai_mlx import lora
-from bonsai_mlx.data import Batch, BatchSchedule, Dataset, collate, prefetch
-from bonsai_mlx.io import atomic_save_safetensors, atomic_write_text
-from bonsai_mlx.loading import hf_state
+from bonsai_mlx.checkpoint import load_checkpoint, save_checkpoint
+from bonsai_mlx.core.batching import Batch, BatchSchedule, collate, prefetch
+from bonsai_mlx.core.records import Dataset
+from bonsai_mlx.core.train_config import STAGES, TrainConfig
+from bonsai_mlx.loss import ce_at, forward_states, to_mx
 from bonsai_mlx.model import Pico
-
-STAGES = ("align", "instruct", "full", "distill")
-
-
-@dataclass
-class TrainConfig:
-    model: str | None = None
-    data: str | None = None
-    image_root: str | None = None
-    stage: str = "instruct"
-    quantize_base: int | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: str = ",".join(lora.TARGETS)
-    train_vision: bool = False
-    dtype: str | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup: int = 20
-    max_steps: int | None = None
-    epochs: float = 1.0
-    max_length: int = 1024
-    group_by_length: bool = True  # less padding; off when length gives away the sample's kind
-    grad_checkpoint: bool = False
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_data: str | None = None
-    eval_every: int = 0
-    save_every: int = 0
-    log_every: int = 10
-    out: str = "runs/pico"
-    seed: int = 0
-    on_bad_sample: str = "skip"
-    # distillation (Phase II)
-    teacher_cache: str | None = None
-    alpha: float = 0.5
-    alpha_end: float | None = None
-    feat_loss: str = "mse"  # or "cosine"
-    layer_map: str | None = None
-    kl: bool = False  # + kl_weight * KL(teacher top-k || student) when the vocabularies are shared
-    kl_weight: float = 1.0
-    kl_temperature: float = 1.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training option {unknown[0]!r}")
-        return cls(**d)
-
-
-def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chunk: int = 1024) -> mx.array:
-    """Summed cross-entropy, computing the LM head only at supervised positions, in chunks."""
-    hs = h.reshape(-1, h.shape[-1])[positions]
-    total = mx.array(0.0)
-    for i in range(0, hs.shape[0], chunk):
-        logits = model.lm_head(hs[i : i + chunk]).astype(mx.float32)
-        t = targets[i : i + chunk]
-        total = total + (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
-    return total
-
-
-def forward_states(model: Pico, batch: dict, train_vision: bool, checkpoint: bool, keep=()) -> tuple[mx.array, dict]:
-    feats = None
-    if batch.get("pixel_values") is not None:
-        pv = batch["pixel_values"]
-        if train_vision:
-            feats = model.image_features(pv)
-        else:
-            cfg = model.config
-            layers = (
-                [cfg.vision_feature_layer]
-                if isinstance(cfg.vision_feature_layer, int)
-                else list(cfg.vision_feature_layer)
-            )
-            hs = [mx.stop_gradient(x) for x in model.vision_tower.hidden_states(pv, layers)]
-            if cfg.vision_feature_select_strategy == "default":
-                hs = [x[:, 1:] for x in hs]
-            feats = model.multi_modal_projector(hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1))
-    return model.run_layers(model.embed(batch["input_ids"], feats), checkpoint=checkpoint, keep=keep)
-
-
-def to_mx(b: Batch) -> dict:
-    return {
-        "input_ids": mx.array(b.input_ids),
-        "positions": mx.array(b.positions),
-        "targets": mx.array(b.targets),
-        "pixel_values": mx.array(b.pixel_values) if b.pixel_values is not None else None,
-    }
 
 
 def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
@@ -261,56 +169,21 @@ class Trainer:
     def save_checkpoint(self, final: bool = False) -> Path | None:
         if self.rank != 0:
             return None
-        cfg = self.cfg
         name = "final" if final else f"step-{self.step:07d}"
-        ck = self.out / "checkpoints" / name
-        tmp = ck.with_name(f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trainable = dict(tree_flatten(self.params_holder.trainable_parameters()))
-        atomic_save_safetensors(tmp / "trainable.safetensors", trainable)
-        opt = {k: v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}
-        atomic_save_safetensors(tmp / "optimizer.safetensors", opt)
-        if cfg.stage in ("instruct", "distill"):
-            lora.save_adapter(
-                self.model,
-                tmp,
-                cfg.lora_rank,
-                cfg.lora_alpha,
-                cfg.lora_dropout,
-                cfg.lora_targets.split(","),
-                cfg.model or "",
-            )
-        proj = {k: v for k, v in hf_state(self.model).items() if k.startswith("multi_modal_projector.")}
-        atomic_save_safetensors(tmp / "projector.safetensors", proj)
-        state = {
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "config": asdict(cfg),
-            "skipped": len(self.skipped),
-            "time": time.time(),
-        }
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
-        if ck.exists():
-            shutil.rmtree(ck)
-        os.replace(tmp, ck)
-        atomic_write_text(self.out / "checkpoints" / "latest", name + "\n")
-        return ck
+        return save_checkpoint(
+            self.out,
+            name,
+            self.params_holder,
+            self.optimizer,
+            self.model,
+            self.cfg,
+            self.step,
+            self.total_steps,
+            len(self.skipped),
+        )
 
     def load_checkpoint(self, path: str | Path) -> None:
-        ck = resolve_checkpoint(path)
-        state = json.loads((ck / "state.json").read_text())
-        trainable = mx.load(str(ck / "trainable.safetensors"))
-        self.params_holder.load_weights(list(trainable.items()), strict=False)
-        self.optimizer.init(self.params_holder.trainable_parameters())
-        saved = mx.load(str(ck / "optimizer.safetensors"))
-        flat = dict(tree_flatten(self.optimizer.state))
-        missing = sorted(set(flat) - set(saved))
-        if missing:
-            raise ValueError(f"{ck}: optimizer state lacks {missing[0]}; was it written by a different setup?")
-        self.optimizer.state = tree_unflatten(list(saved.items()))
-        self.step = state["step"]
-        mx.eval(self.params_holder.parameters(), self.optimizer.state)
+        self.step = load_checkpoint(path, self.params_holder, self.optimizer)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, log: Callable[[str], None] = print) -> dict:
@@ -375,17 +248,6 @@ class Trainer:
         self.save_checkpoint(final=True)
         self.model.eval()
         return last
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return p
-    latest = p / "checkpoints" / "latest"
-    if latest.is_file():
-        return p / "checkpoints" / latest.read_text().strip()
-    raise FileNotFoundError(f"{p}: no checkpoint here (expected state.json or checkpoints/latest)")
 
 
 def seed_everything(seed: int) -> None:

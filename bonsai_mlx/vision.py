@@ -7,7 +7,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from bonsai_mlx.config import VisionConfig
+from bonsai_mlx.core.config import VisionConfig
 
 
 def gelu_tanh(x: mx.array) -> mx.array:

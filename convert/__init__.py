@@ -1,3 +1,1 @@
-"""Move Pico weights between PyTorch/Hugging Face and MLX: `python -m convert --help`."""
-
-import bonsai_mlx  # noqa: F401  (loads OpenBLAS before mlx.core on Linux)
+"""`python -m convert --help`: a thin CLI over `bonsai_mlx.conversion` (moves Pico weights between HF and MLX)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bonsai_mlx.errors import friendly
+from bonsai_mlx.core.errors import friendly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,19 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     with friendly("convert"):
         if a.cmd == "to-mlx":
-            from convert.hf_mlx import to_mlx
+            from bonsai_mlx.conversion.hf_mlx import to_mlx
 
             note = to_mlx(a.src, a.out, a.dtype, a.quantize, a.group_size, a.quantize_vision)
         elif a.cmd == "to-hf":
-            from convert.hf_mlx import to_hf
+            from bonsai_mlx.conversion.hf_mlx import to_hf
 
             note = to_hf(a.src, a.out, a.dtype)
         elif a.cmd == "init":
-            from convert.assemble import assemble
+            from bonsai_mlx.conversion.assemble import assemble
 
             note = assemble(a.vision, a.text, a.out, a.seed, a.dtype)
         else:
-            from convert.fuse import fuse
+            from bonsai_mlx.conversion.fuse import fuse
 
             note = fuse(a.base, a.adapter, a.out, a.quantize, a.group_size, a.dtype)
         print(f"wrote {a.out} ({note})")

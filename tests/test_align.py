@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonsai_mlx.align import layer_norm, pad_to_square, pool_grid, text_units
+from bonsai_mlx.core.align import layer_norm, pad_to_square, pool_grid, text_units
 
 
 def test_text_units_pair_tokens_ending_at_the_same_character():

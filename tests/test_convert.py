@@ -6,12 +6,12 @@ import pytest
 from helpers import hf_logits, image, make_hf_pico, make_tokenizer
 
 from bonsai_mlx import loading
-from bonsai_mlx.processing import Processor
+from bonsai_mlx.core.processing import Processor
 from convert.__main__ import main as convert
 
 
 def _tensors(d):
-    from convert.sources import read_tensors
+    from bonsai_mlx.conversion.sources import read_tensors
 
     return loading.canonical_weights(read_tensors(d))
 
@@ -145,7 +145,8 @@ def test_pytorch_bin_source_is_read_with_weights_only(tmp_path):
 def test_fuse_merges_adapter_and_projector_into_a_checkpoint_transformers_loads(pico_dir, tmp_path):
     from mlx.utils import tree_flatten
 
-    from bonsai_mlx.trainer import TrainConfig, setup_trainable
+    from bonsai_mlx.core.train_config import TrainConfig
+    from bonsai_mlx.trainer import setup_trainable
 
     model, cfg = loading.load(pico_dir)
     setup_trainable(model, TrainConfig(stage="instruct", lora_rank=4, lora_alpha=8))
@@ -154,7 +155,7 @@ def test_fuse_merges_adapter_and_projector_into_a_checkpoint_transformers_loads(
     for k, v in tree_flatten(model.trainable_parameters()):
         model.load_weights([(k, v + mx.random.normal(v.shape) * 0.05)], strict=False)
     from bonsai_mlx import lora
-    from bonsai_mlx.io import atomic_save_safetensors
+    from bonsai_mlx.weights import atomic_save_safetensors
 
     ck = tmp_path / "ck"
     lora.save_adapter(model, ck, 4, 8, 0.0, lora.TARGETS)

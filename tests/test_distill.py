@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bonsai_mlx.distill import Aligners, alpha_at, distance, feature_loss, parse_layer_map
+from bonsai_mlx.core.distill_targets import parse_layer_map
+from bonsai_mlx.distill import Aligners, alpha_at, distance, feature_loss
 
 
 def _inputs(rng):

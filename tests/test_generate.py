@@ -4,8 +4,8 @@ import pytest
 from helpers import image
 
 from bonsai_mlx import loading
+from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.generate import ChatSession, Sampling, generate, generate_batch, main
-from bonsai_mlx.processing import Processor
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonsai_mlx.images import ImageError, load_image
+from bonsai_mlx.core.images import ImageError, load_image
 
 
 def _png(im: Image.Image, fmt="PNG", **kw) -> bytes:

@@ -7,8 +7,9 @@ import pytest
 from helpers import make_hf_pico
 
 from bonsai_mlx import loading
-from bonsai_mlx.config import ConfigError
-from bonsai_mlx.io import CheckpointError, save_weights
+from bonsai_mlx.core.config import ConfigError
+from bonsai_mlx.core.io import CheckpointError
+from bonsai_mlx.weights import save_weights
 
 
 def _logits(d):

@@ -4,8 +4,8 @@ import pytest
 from helpers import hf_logits, image, make_hf_pico
 
 from bonsai_mlx import loading
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.processing import Processor
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.processing import Processor
 
 CONFIGS = {
     "tied-last-32px": dict(tied=True, feature_layer=-1, image_size=32, patch_size=8),

@@ -6,10 +6,10 @@ import pytest
 from helpers import hf_logits, image, make_hf_pico, write_describe_data
 
 from bonsai_mlx import loading
-from bonsai_mlx.io import load_weights
+from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.loading import canonical_weights
-from bonsai_mlx.processing import Processor
 from bonsai_mlx.prune import PruneConfig, kept_counts, lm_parameters, main, prune
+from bonsai_mlx.weights import load_weights
 
 
 def _logits(d, model=None):
@@ -79,7 +79,7 @@ def test_pruned_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
 
 
 def test_pruned_checkpoint_quantizes(tmp_path, capsys):
-    from convert.hf_mlx import to_mlx
+    from bonsai_mlx.conversion.hf_mlx import to_mlx
 
     d = make_hf_pico(tmp_path / "m")
     out = tmp_path / "pruned"

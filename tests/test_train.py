@@ -7,9 +7,12 @@ from helpers import image
 from mlx.utils import tree_flatten
 
 from bonsai_mlx import loading, lora
-from bonsai_mlx.data import IGNORE, Dataset, collate, read_records, tokenize
-from bonsai_mlx.processing import Processor
-from bonsai_mlx.trainer import TrainConfig, Trainer, ce_at, forward_states, setup_trainable, to_mx
+from bonsai_mlx.core.batching import collate
+from bonsai_mlx.core.processing import Processor
+from bonsai_mlx.core.records import IGNORE, Dataset, read_records, tokenize
+from bonsai_mlx.core.train_config import TrainConfig
+from bonsai_mlx.loss import ce_at, forward_states, to_mx
+from bonsai_mlx.trainer import Trainer, setup_trainable
 
 QA = [
     ("What colour is the square?", "red"),
@@ -290,7 +293,7 @@ def test_data_parallel_under_mlx_launch(pico_dir, data, tmp_path):
 
 
 def test_batch_schedule_is_deterministic_sharded_and_honours_grouping():
-    from bonsai_mlx.data import BatchSchedule
+    from bonsai_mlx.core.batching import BatchSchedule
 
     lengths = [10 + (i % 5) * 20 for i in range(200)]  # five "kinds", each with its own length
     grouped = BatchSchedule(lengths, 8, seed=1, group=True)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bonsai_mlx.align import pad_to_square, pool_grid, text_units
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.data import BadSample, messages_of, read_records, tokenize
-from bonsai_mlx.images import ImageError, load_image
-from bonsai_mlx.processing import Processor
-from bonsai_mlx.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint, vocab_fingerprint
+from bonsai_mlx.core.align import pad_to_square, pool_grid, text_units
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.images import ImageError, load_image
+from bonsai_mlx.core.processing import Processor
+from bonsai_mlx.core.records import BadSample, messages_of, read_records, tokenize
+from bonsai_mlx.core.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint, vocab_fingerprint
 from train_cuda.teacher import Teacher, answer_spans
 
 
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="K",
         help="also store the teacher's top-K next-token logits (for distill --kl; needs a shared vocabulary)",
     )
-    from bonsai_mlx.errors import glue_negative_lists
+    from bonsai_mlx.core.errors import glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
 
     with friendly("extract"):
         return run(a)
@@ -153,7 +153,7 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
     """PCA of each layer's states over the aligned units of the first samples (an extra teacher pass)."""
     from tqdm import tqdm
 
-    from bonsai_mlx.teacher_cache import PcaFit
+    from bonsai_mlx.core.teacher_cache import PcaFit
 
     fits = {L: PcaFit(teacher.model.config.text_config.hidden_size) for L in layers}
     for i in tqdm(range(0, len(plans), batch_size), desc="fitting PCA", unit="batch"):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonsai_mlx.align import FEAT_LOSSES
+from bonsai_mlx.core.align import FEAT_LOSSES
 
 
 class Aligners(nn.Module):

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train_cuda.sft", description=__doc__)
     add_common_args(ap)
     a = ap.parse_args(argv)
-    from bonsai_mlx.errors import friendly
+    from bonsai_mlx.core.errors import friendly
 
     with friendly("sft"):
         train(a, distill=False)

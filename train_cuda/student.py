@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bonsai_mlx.lora import TARGETS, lm_target_regex
+from bonsai_mlx.core.adapters import TARGETS, lm_target_regex
 
 
 def has_flash_attn() -> bool:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bonsai_mlx.align import pad_to_square
+from bonsai_mlx.core.align import pad_to_square
 
 IMAGE = "<image>"
 
@@ -35,7 +35,7 @@ class Teacher:
     def load(cls, path: str, dtype: str | None = None, load_4bit: bool = False) -> Teacher:
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-        from bonsai_mlx.loading import resolve
+        from bonsai_mlx.core.hub import resolve
 
         d = resolve(path)
         device, torch_dtype = device_and_dtype(dtype)

@@ -10,30 +10,51 @@ from pathlib import Path
 
 import numpy as np
 
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.data import BatchSchedule, Dataset, collate, read_records
-from bonsai_mlx.io import atomic_write_text
-from bonsai_mlx.processing import Processor
+from bonsai_mlx.core.align import FEAT_LOSSES
+from bonsai_mlx.core.batching import BatchSchedule, collate
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.io import atomic_write_text
+from bonsai_mlx.core.processing import Processor
+from bonsai_mlx.core.records import Dataset, read_records
+from bonsai_mlx.core.train_config import TrainConfig
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options both `sft` and `distill` take; defaults come from `TrainConfig`, as in bonsai_mlx.train."""
+    d = TrainConfig()
     ap.add_argument("--student", required=True, help="the Pico directory to train (HF Llava layout)")
     ap.add_argument("--data", required=True)
     ap.add_argument("--image-root")
     ap.add_argument("--out", default="runs/cuda")
-    ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--lora-alpha", type=float, default=32)
-    ap.add_argument("--lora-dropout", type=float, default=0.05)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--max-steps", type=int)
-    ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    ap.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
+    ap.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--max-steps", type=int, default=d.max_steps)
+    ap.add_argument("--epochs", type=float, default=d.epochs)
+    ap.add_argument("--max-length", type=int, default=d.max_length)
+    # On a GPU the memory matters more than the 20-30% time: checkpointing is on unless turned off.
     ap.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--log-every", type=int, default=d.log_every)
+
+
+def add_distill_args(ap: argparse.ArgumentParser) -> None:
+    """The distillation options, with `TrainConfig`'s defaults."""
+    d = TrainConfig()
+    ap.add_argument("--teacher-cache", required=True, help="made by python -m train_cuda.extract")
+    ap.add_argument("--alpha", type=float, default=d.alpha, help="weight of the feature loss")
+    ap.add_argument("--alpha-end", type=float, default=d.alpha_end, help="alpha decays linearly to this")
+    ap.add_argument(
+        "--feat-loss", choices=FEAT_LOSSES, default=d.feat_loss, help=f"distance to the teacher states ({d.feat_loss})"
+    )
+    ap.add_argument("--layer-map", help="teacher:student layer pairs, e.g. -1:-1,16:12 (default: relative depth)")
+    ap.add_argument("--kl", action="store_true", help="add logit KL (shared vocabulary; cache made with --kl-topk)")
+    ap.add_argument("--kl-weight", type=float, default=d.kl_weight)
+    ap.add_argument("--kl-temperature", type=float, default=d.kl_temperature)
 
 
 def train(a, distill: bool) -> dict:
@@ -57,12 +78,12 @@ def train(a, distill: bool) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     aligners = cache = None
     if distill:
-        from bonsai_mlx.distill import gather_targets, parse_layer_map
-        from bonsai_mlx.teacher_cache import CacheReader
+        from bonsai_mlx.core.distill_targets import gather_targets, parse_layer_map
+        from bonsai_mlx.core.teacher_cache import CacheReader
 
         cache = CacheReader(a.teacher_cache, proc.tokenizer)
         if a.kl:
-            from bonsai_mlx.distill import check_kl
+            from bonsai_mlx.core.distill_targets import check_kl
 
             check_kl(cache, proc.tokenizer)
         ds.examples = [e for e in ds.examples if e.id in cache]

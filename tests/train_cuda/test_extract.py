@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from helpers import image, make_teacher
 
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.processing import Processor
-from bonsai_mlx.teacher_cache import CacheReader
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.processing import Processor
+from bonsai_mlx.core.teacher_cache import CacheReader
 from train_cuda.extract import main as extract
 from train_cuda.teacher import Teacher
 
@@ -71,14 +71,14 @@ def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys)
     assert not cache.get("t").image and cache.get("t").text[1].shape[0] >= 1
     # targets equal the teacher's normalised states at the aligned positions
     t = Teacher.load(str(teacher_dir))
-    from bonsai_mlx.data import messages_of
+    from bonsai_mlx.core.records import messages_of
     from train_cuda.extract import plan_sample
 
     rec = json.loads((data / "d.json").read_text())[0]
     plan = plan_sample(rec, t, proc, str(data / "img"))
     from PIL import Image
 
-    from bonsai_mlx.align import pool_grid
+    from bonsai_mlx.core.align import pool_grid
 
     px = t.pixel_values(Image.open(data / "img" / "0.png").convert("RGB"))
     st = t.hidden_states([plan.t_ids], px, [-1])[0][0][0]

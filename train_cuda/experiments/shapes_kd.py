@@ -1,12 +1,13 @@
 """python -m train_cuda.experiments.shapes_kd: does distilling a bigger teacher help a tiny Pico? In miniature.
 
-1. Draws the embedded synthetic shapes task (bonsai_mlx.synthetic).
+1. Draws the embedded synthetic shapes task (bonsai_mlx.core.synthetic).
 2. Builds a teacher of the LLaVA-1.5 shape (CLIP vision with its own 6x6 grid, Llama LM, its own Unigram
    tokenizer and Vicuna prompt) and trains it on all the training data (PyTorch).
 3. Extracts its hidden states at the units aligned to the student (train_cuda.extract: the same code and
    cache as for LLaVA-1.5-7B).
 4. Trains the embedded default's tiny Pico from scratch on a small share of the data, with a = 0 (CE only)
-   and with the feature loss (a > 0), same steps, several seeds (bonsai_mlx.train, MLX).
+   and with the feature loss (a > 0), same steps, several seeds (bonsai_mlx.train, MLX, run as its own
+   process: as on real hardware, the PyTorch side and the MLX side never share one).
 5. Reports held-out greedy exact match of the teacher and of every student: results.json and results.md.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,10 +47,9 @@ def _log(msg: str) -> None:
 
 
 def run(s: Setup) -> dict:
-    from bonsai_mlx import synthetic
-    from bonsai_mlx.io import atomic_write_text
-    from bonsai_mlx.runner import make_default_model
-    from bonsai_mlx.train import DEFAULT_DATA
+    from bonsai_mlx.core import synthetic
+    from bonsai_mlx.core.io import atomic_write_text
+    from bonsai_mlx.core.synthetic import DEFAULT_DATA
     from train_cuda.experiments import tiny_teacher
 
     out = Path(s.out)
@@ -73,7 +74,7 @@ def run(s: Setup) -> dict:
             image_size=DEFAULT_DATA["image_size"],
             patch_size=8,
             vocab_size=400,
-            init_std=0.08,  # as the student's: 0.02 is sized for wide models (see bonsai_mlx.runner)
+            init_std=0.08,  # as the student's: 0.02 is sized for wide models (see bonsai_mlx.embedded)
         )
         _log(f"training the teacher ({s.teacher_steps} steps on {len(train)} samples)")
         tiny_teacher.train(teacher, train, images, s.teacher_steps, s.batch_size, s.teacher_lr, log=_log)
@@ -82,7 +83,8 @@ def run(s: Setup) -> dict:
     teacher_acc = json.loads((teacher / "trained.json").read_text())["heldout_exact_match"]
     _log(f"teacher held-out exact match: {teacher_acc:.1%}")
 
-    init = make_default_model(out / "student-init", DEFAULT_DATA["image_size"], 0)
+    init = out / "student-init"
+    _mlx("bonsai_mlx.embedded", "init", str(init), "--image-size", str(DEFAULT_DATA["image_size"]))
     cache = out / "cache"
     from train_cuda.extract import main as extract
 
@@ -108,28 +110,26 @@ def run(s: Setup) -> dict:
     return summary
 
 
-def _train_student(s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache) -> None:
-    from bonsai_mlx.train import main as train
+def _mlx(module: str, *args: str) -> None:
+    """Run an MLX-side command in its own process (this one holds PyTorch)."""
+    r = subprocess.run([sys.executable, "-m", module, *args])
+    if r.returncode != 0:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {r.returncode})")
 
+
+def _train_student(s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache) -> None:
     args = ["--model", str(init), "--data", str(data), "--image-root", images, "--stage", "full"]
     args += ["--max-steps", str(s.student_steps), "--batch-size", str(s.batch_size), "--lr", str(s.student_lr)]
     args += ["--warmup", str(max(1, s.student_steps // 10)), "--seed", str(seed), "--out", str(run_dir)]
     args += ["--save-every", "0", "--eval-every", "0", "--log-every", "20", "--lora-dropout", "0"]
     if cache is not None:
         args += ["--teacher-cache", str(cache), "--alpha", str(s.alpha)]
-    if train(args) != 0:
-        raise RuntimeError(f"student run {run_dir} failed")
+    _mlx("bonsai_mlx.train", *args)
 
 
 def _score(run_dir: Path, eval_json: Path, images: str) -> None:
-    from bonsai_mlx import loading
-    from bonsai_mlx.io import atomic_write_text
-    from bonsai_mlx.processing import Processor
-    from bonsai_mlx.runner import accuracy
-
-    model, cfg = loading.load(run_dir / "model")
-    acc = accuracy(model, Processor(run_dir / "model", cfg), str(eval_json), images)
-    atomic_write_text(run_dir / "heldout.json", json.dumps(acc))
+    model, out = str(run_dir / "model"), str(run_dir / "heldout.json")
+    _mlx("bonsai_mlx.embedded", "score", model, str(eval_json), "--image-root", images, "--out", out)
 
 
 def report(summary: dict) -> str:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
-    from bonsai_mlx.errors import friendly, glue_negative_lists
+    from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
 

@@ -122,8 +122,8 @@ def build(
 
 def encode(teacher, rec: dict, image_root: str | None) -> tuple[list[int], list[int], object]:
     """(ids, labels: -100 outside the answers and their end token, PIL image or None) in the teacher's format."""
-    from bonsai_mlx.data import messages_of
-    from bonsai_mlx.images import load_image
+    from bonsai_mlx.core.images import load_image
+    from bonsai_mlx.core.records import messages_of
     from train_cuda.teacher import answer_spans
 
     msgs = messages_of(rec)

@@ -9,10 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx import loading
-from bonsai_mlx.config import PicoConfig, TextConfig, VisionConfig, _pick
-from bonsai_mlx.io import save_weights
-from bonsai_mlx.processing import IMAGE
-from convert.sources import cast, read_tensors
+from bonsai_mlx.conversion.sources import cast, read_tensors
+from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig, pick_fields
+from bonsai_mlx.core.processing import IMAGE
+from bonsai_mlx.weights import save_weights
 
 
 def _json(path: Path) -> dict:
@@ -82,7 +82,7 @@ def assemble(vision: str | Path, text: str | Path, out: str | Path, seed: int = 
     tok.save_pretrained(str(out))
 
     text_cfg = TextConfig(
-        **_pick(
+        **pick_fields(
             TextConfig,
             {
                 **tcfg,
@@ -94,7 +94,7 @@ def assemble(vision: str | Path, text: str | Path, out: str | Path, seed: int = 
             },
         )
     )
-    vision_cfg = VisionConfig(**_pick(VisionConfig, vcfg))
+    vision_cfg = VisionConfig(**pick_fields(VisionConfig, vcfg))
     raw = {"model_type": "llava", "vision_config": vcfg, "text_config": tcfg}
     config = PicoConfig(
         vision=vision_cfg,

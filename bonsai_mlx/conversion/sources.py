@@ -7,7 +7,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from bonsai_mlx.io import CheckpointError, load_weights
+from bonsai_mlx.core.io import CheckpointError
+from bonsai_mlx.weights import load_weights
 
 
 def _torch_file(path: Path) -> dict[str, mx.array]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.images import load_image
+from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.images import load_image
 
 IMAGE = "<image>"
 Message = dict[str, Any]

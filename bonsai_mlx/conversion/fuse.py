@@ -7,9 +7,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx import loading, lora
-from bonsai_mlx.io import save_weights
+from bonsai_mlx.conversion.sources import DTYPES
 from bonsai_mlx.quantize import dequantize_weights, quantize_weights
-from convert.sources import DTYPES
+from bonsai_mlx.weights import save_weights
 
 
 def fuse(

@@ -7,10 +7,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx import loading
-from bonsai_mlx.config import PicoConfig
-from bonsai_mlx.io import save_weights
+from bonsai_mlx.conversion.sources import cast, read_tensors
+from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.quantize import dequantize_weights, quantize_weights
-from convert.sources import cast, read_tensors
+from bonsai_mlx.weights import save_weights
 
 
 def _hf_conv(w: dict[str, mx.array], config: PicoConfig) -> dict[str, mx.array]:

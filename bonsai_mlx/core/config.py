@@ -12,7 +12,7 @@ class ConfigError(ValueError):
     """A config.json that cannot describe a Pico."""
 
 
-def _pick(cls, d: dict) -> dict:
+def pick_fields(cls, d: dict) -> dict:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names}
 
@@ -100,15 +100,15 @@ class PicoConfig:
         strategy = d.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise ConfigError(f"{source}: vision_feature_select_strategy must be 'default' or 'full'")
-        top = _pick(cls, d)
+        top = pick_fields(cls, d)
         top.pop("raw", None)
         top.pop("vision", None)
         top.pop("text", None)
         top["vision_feature_select_strategy"] = strategy
         top.setdefault("vision_feature_layer", -2)  # transformers' LlavaConfig default
         return cls(
-            vision=VisionConfig(**_pick(VisionConfig, vd)),
-            text=TextConfig(**_pick(TextConfig, td)),
+            vision=VisionConfig(**pick_fields(VisionConfig, vd)),
+            text=TextConfig(**pick_fields(TextConfig, td)),
             raw=copy.deepcopy(d),
             **top,
         )
@@ -155,6 +155,6 @@ class PicoConfig:
         return cls.from_dict(d, source=str(path))
 
     def save(self, model_dir: str | Path) -> None:
-        from bonsai_mlx.io import atomic_write_text
+        from bonsai_mlx.core.io import atomic_write_text
 
         atomic_write_text(Path(model_dir) / "config.json", json.dumps(self.to_dict(), indent=2) + "\n")

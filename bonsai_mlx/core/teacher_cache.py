@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonsai_mlx.io import atomic_write_text
+from bonsai_mlx.core.io import atomic_write_text
 
 FORMAT = 1
 

@@ -15,13 +15,15 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from bonsai_mlx.io import atomic_write_text
+from bonsai_mlx.core.io import atomic_write_text
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 QTYPES = ("colour", "shape", "count", "position", "yesno")
+# The embedded default's draw: samples and image size (the CLI, the runner and shapes_kd read this).
+DEFAULT_DATA = dict(n_train=12000, n_eval=400, image_size=48)
 
 
 @dataclass

@@ -1,0 +1,142 @@
+"""The import layers: shared core < MLX side | CUDA side < CLIs and the app. Parsed from the code itself."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
+HEAVY = ("mlx", "mlx_lm", "torch", "peft", "accelerate", "bitsandbytes", "gradio")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str) -> set[str]:
+    """Every module `name` imports, at any depth of the file (lazy imports are arrows too)."""
+    path = MODULES[name]
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.add(sub if sub in MODULES else base)
+    return out
+
+
+def _project(imports: set[str]) -> set[str]:
+    return {i for i in imports if i in MODULES}
+
+
+def _top(i: str) -> str:
+    return i.split(".")[0]
+
+
+def test_the_module_list_is_what_the_tree_holds():
+    assert "bonsai_mlx.core.records" in MODULES and "train_cuda.trainer" in MODULES and "convert.__main__" in MODULES
+
+
+def test_the_shared_core_imports_no_tensor_library_and_nothing_above_it():
+    for name in (m for m in MODULES if m.startswith("bonsai_mlx.core")):
+        imps = _imports(name)
+        heavy = sorted(i for i in imps if _top(i) in HEAVY)
+        assert not heavy, f"{name} imports {heavy}"
+        above = sorted(i for i in _project(imps) if not (i.startswith("bonsai_mlx.core") or i == "bonsai_mlx"))
+        assert not above, f"{name} (shared core) imports {above}"
+
+
+def test_the_library_imports_no_cli_package():
+    for name in (m for m in MODULES if m.startswith("bonsai_mlx")):
+        up = sorted(i for i in _imports(name) if _top(i) in ("convert", "app", "train_cuda"))
+        assert not up, f"{name} imports {up}"
+
+
+def test_the_cuda_side_stands_on_the_shared_core_only():
+    for name in (m for m in MODULES if m.startswith("train_cuda")):
+        imps = _imports(name)
+        mlx = sorted(i for i in imps if _top(i) in ("mlx", "mlx_lm"))
+        assert not mlx, f"{name} imports {mlx}"
+        mlx_side = sorted(i for i in _project(imps) if _top(i) == "bonsai_mlx" and not i.startswith("bonsai_mlx.core"))
+        assert not mlx_side, f"{name} imports the MLX side: {mlx_side}"
+
+
+def test_no_import_cycles():
+    graph = {m: _project(_imports(m)) - {m} for m in MODULES}
+    # a package's __init__ is imported with each of its modules: not an arrow back to them
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d) :] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+_NO_MLX = """
+import importlib, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mlx", "mlx_lm"):
+            raise ImportError(f"{name} is not installed (test)")
+sys.meta_path.insert(0, Block())
+for m in sys.argv[1:]:
+    importlib.import_module(m)
+from bonsai_mlx import _blas
+assert _blas.loaded_path is None, "OpenBLAS was preloaded in a process that never imported MLX"
+assert not [m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm")]
+print("ok", len(sys.argv) - 1)
+"""
+
+
+def test_every_cuda_side_module_imports_without_mlx():
+    mods = sorted(m for m in MODULES if m.startswith(("train_cuda", "bonsai_mlx.core")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _NO_MLX, *mods], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"ok {len(mods)}"
+
+
+def test_openblas_is_preloaded_at_the_first_mlx_import_when_present():
+    code = (
+        "import bonsai_mlx\nfrom bonsai_mlx import _blas\nassert _blas.loaded_path is None\n"
+        "import mlx.core\nprint(_blas.loaded_path)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("BONSAI_NO_OPENBLAS", "BONSAI_OPENBLAS")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from bonsai_mlx._blas import _CANDIDATES
+
+    present = sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _CANDIDATES)
+    assert (r.stdout.strip() != "None") == present, r.stdout
