@@ -17,7 +17,7 @@ from bonsai_mlx.core.align import pad_to_square, pool_grid, text_units
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
-from bonsai_mlx.core.records import BadSample, messages_of, read_records, tokenize
+from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
 from bonsai_mlx.core.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint, vocab_fingerprint
 from train_cuda.teacher import Teacher, answer_spans
 
@@ -31,10 +31,10 @@ class Plan:
     same_next: list[int]  # units whose next token is the same in both tokenizations (where logits compare)
 
 
-def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str | None) -> Plan:
-    msgs = messages_of(rec)
-    if rec.get("image") and not any("<image>" in m["content"] for m in msgs):
-        msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
+def plan_sample(
+    rec: dict, teacher: Teacher, student: Processor, image_root: str | None, sid: str | None = None
+) -> Plan:
+    msgs, _ = place_image(messages_of(rec), bool(rec.get("image")))
     answers = [m["content"] for m in msgs if m["role"] == "assistant"]
     s_off: list = []
     s_ids = tokenize(student, msgs, offsets=s_off)[0]
@@ -51,7 +51,7 @@ def plan_sample(rec: dict, teacher: Teacher, student: Processor, image_root: str
         for k, (t, s) in enumerate(pairs)
         if t + 1 < len(t_ids) and s + 1 < len(s_ids) and t_ids[t + 1] == s_ids[s + 1]
     ]
-    return Plan(str(rec.get("id")), t_ids, pairs, path, same)
+    return Plan(record_ids([rec])[0] if sid is None else sid, t_ids, pairs, path, same)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +97,14 @@ def run(a) -> int:
         refuse_kl_unless_shared(teacher.tokenizer, student.tokenizer, "--kl-topk")
     if teacher.device == "cpu":
         print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
-    records = read_records(a.data)[: a.max_samples]
+    records = read_records(a.data)
+    ids = record_ids(records, a.data)  # over the whole file: the trainers key the same records the same way
     plans, bad = [], {}
-    for rec in records:
+    for rec, sid in list(zip(records, ids, strict=True))[: a.max_samples]:
         try:
-            plans.append(plan_sample(rec, teacher, student, a.image_root))
+            plans.append(plan_sample(rec, teacher, student, a.image_root, sid))
         except (BadSample, ValueError) as e:
-            bad[str(rec.get("id"))] = str(e)
+            bad[sid] = str(e)
     hidden = teacher.model.config.text_config.hidden_size
     s_grid = scfg.vision.grid
     units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 IGNORE = -100
+IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -53,6 +54,38 @@ def messages_of(rec: dict) -> list[dict]:
     if not any(m["role"] == "assistant" for m in msgs):
         raise BadSample("no assistant (gpt) turn to learn from")
     return msgs
+
+
+def record_ids(records: list, source: str = "data") -> list[str]:
+    """One id per record, the same for every reader (trainers, extract, evaluate): the record's own "id",
+    or "#<position>" when it has none. Ids key caches, predictions and skip reports, so a repeat is refused."""
+    ids: list[str] = []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        rid = f"#{i}" if rid is None else str(rid)
+        if rid in seen:
+            raise ValueError(
+                f"{source}: records {seen[rid]} and {i} share the id {rid!r}; ids must be unique "
+                "(drop the 'id' fields to key records by position)"
+            )
+        seen[rid] = i
+        ids.append(rid)
+    return ids
+
+
+def place_image(msgs: list[dict], has_image: bool) -> tuple[list[dict], int]:
+    """Where a record's image goes: its own <image> tags, else one at the start of the first user turn.
+
+    Returns (messages, number of image tags). The one rule for every reader of records."""
+    n = sum(m["content"].count(IMAGE_TAG) for m in msgs)
+    if has_image and n == 0:
+        k = next((k for k, m in enumerate(msgs) if m["role"] == "user"), None)
+        if k is None:
+            raise BadSample("an image but no user turn to put it in")
+        msgs = [*msgs[:k], {**msgs[k], "content": f"{IMAGE_TAG}\n{msgs[k]['content']}"}, *msgs[k + 1 :]]
+        n = 1
+    return msgs, n
 
 
 def _encode(processor, text: str, base: int, offsets: list | None) -> list[int]:
@@ -125,21 +158,12 @@ class Dataset:
     ) -> Dataset:
         out, bad, trunc = [], {}, 0
         root = Path(image_root) if image_root else None
-        for i, rec in enumerate(records):
-            rid = str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"
+        for rec, rid in zip(records, record_ids(records), strict=True):
             try:
                 if not isinstance(rec, dict):
                     raise BadSample("record is not an object")
-                msgs = messages_of(rec)
                 img = rec.get("image")
-                n_img = sum(m["content"].count("<image>") for m in msgs)
-                if img and n_img == 0:
-                    msgs[0] = (
-                        {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
-                        if msgs[0]["role"] == "user"
-                        else msgs[0]
-                    )
-                    n_img = 1
+                msgs, n_img = place_image(messages_of(rec), bool(img))
                 if n_img > 1:
                     raise BadSample(f"{n_img} <image> tags; one image per record is supported")
                 if n_img and not img:
