@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import sys
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, StreamingDetokenizer
 
-from bonsai_mlx.core.processing import IMAGE, Message, Processor
+from bonsai_mlx.core.processing import _MARK, Message, Processor
 from bonsai_mlx.model import Pico
 
 
@@ -51,52 +55,105 @@ class Sampling:
     ignore_stop: bool = False  # benchmarks force a fixed number of tokens
 
 
-def _stable_text(text: str) -> str:
-    """Hold back a trailing partial UTF-8 sequence so streamed chunks never show U+FFFD."""
-    return text[:-1] if text.endswith("\ufffd") else text
+class _ByteLevelDetokenizer(BPEStreamingDetokenizer):
+    """mlx-lm's O(1)-per-token byte-level BPE detokenizer, keeping a leading space as `tokenizer.decode` does."""
+
+    def _maybe_trim_space(self, current_text: str) -> str:
+        return current_text
+
+
+_DETOK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def detokenizer(proc: Processor) -> StreamingDetokenizer:
+    """A fresh streaming detokenizer for `proc` (the token map is built once per processor)."""
+    proto = _DETOK.get(proc)
+    if proto is None:
+        tj = proc.dir / "tokenizer.json"
+        decoder = json.loads(tj.read_text()).get("decoder") if tj.is_file() else None
+        if isinstance(decoder, dict) and decoder.get("type") == "ByteLevel":
+            proto = _ByteLevelDetokenizer(proc.tokenizer)
+        else:
+            proto = NaiveStreamingDetokenizer(proc.tokenizer)  # O(line^2), as in mlx-lm
+        _DETOK[proc] = proto
+    d = copy.copy(proto)
+    d.reset()
+    return d
+
+
+def user_message(text: str, image: bool = False) -> Message:
+    """A chat user turn: an image part (when there is an image) and the text, which stays literal."""
+    return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
+
+
+def _literal(m: Message) -> Message:
+    """Chat text is never parsed for tags: string contents become one text part."""
+    return m if isinstance(m["content"], list) else {**m, "content": [{"type": "text", "text": m["content"]}]}
 
 
 @dataclass
 class ChatSession:
-    """One conversation. Follow-ups prefill only the new turn; images are encoded once."""
+    """One conversation. Follow-ups prefill only the new turn; images are encoded once.
 
-    model: Pico
-    processor: Processor
+    Text typed by the user is literal: `<image>` or `<|im_end|>` in it never become image slots or control tokens
+    (only an image passed to `ask` makes an image slot). A turn that fails before its answer starts leaves the
+    session as it was; an answer cut short (stop, a closed stream) is kept as far as it got."""
+
+    model: Pico | None
+    processor: Processor | None
     system: str | None = None
     messages: list[Message] = field(default_factory=list)
     images: list = field(default_factory=list)
     cache: list | None = None
     cached_ids: list[int] = field(default_factory=list)  # the tokens whose K/V the cache holds
     stop_requested: bool = False
-    _text: str = ""  # the conversation text that _ids encodes, with generated answers kept as sampled
+    _text: str = ""  # the marked rendering (Processor.render_marked) that _ids encodes, up to the last answer
+    _msgs: list = field(default_factory=list)  # the conversation that _text renders
     _ids: list[int] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.messages, self.images, self.cache, self.cached_ids, self._text, self._ids = [], [], None, [], "", []
+        self.messages, self.images = [], []
+        self._forget_cache()
 
-    def _encode(self) -> tuple[str, list[int]]:
-        """Token ids of the conversation; earlier answers keep their sampled tokens (no re-tokenizing)."""
-        text = self.processor.render(self._conversation(), add_generation_prompt=True)
-        if self._text and text.startswith(self._text):
-            return text, self._ids + self.processor.encode_text(text[len(self._text) :])
-        return text, self.processor.encode_text(text)
+    def _forget_cache(self) -> None:
+        self.cache, self.cached_ids, self._text, self._msgs, self._ids = None, [], "", [], []
+
+    def detach(self) -> None:
+        """Drop the model, processor and KV cache (the conversation stays): the app frees a model this way."""
+        self.model = self.processor = None
+        self._forget_cache()
 
     def _conversation(self) -> list[Message]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [_literal(m) for m in system + self.messages]
+
+    def _encode(self) -> tuple[str, list[int], list[Message]]:
+        """Token ids of the conversation; earlier answers keep their sampled tokens (no re-tokenizing)."""
+        conv = self._conversation()
+        marked = self.processor.render_marked(conv, add_generation_prompt=True)
+        if self._text and conv[: len(self._msgs)] == self._msgs and marked.startswith(self._text):
+            return marked, self._ids + self.processor.encode_marked(marked[len(self._text) :], conv), conv
+        return marked, self.processor.encode_marked(marked, conv), conv
 
     def ask(self, text: str, image=None, sampling: Sampling | None = None) -> Iterator[Chunk]:
-        content = f"{IMAGE}\n{text}" if image is not None else text
-        if image is not None:
-            self.images.append(image)
-        self.messages.append({"role": "user", "content": content})
-        yield from self._respond(sampling or Sampling())
+        self.stop_requested = False  # now, not when the stream starts: a Stop pressed while queued still counts
+        msg = user_message(text, image is not None)
+        return self._turn([msg], [image] if image is not None else [], sampling)
 
     def regenerate(self, sampling: Sampling | None = None) -> Iterator[Chunk]:
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        if not self.messages:
-            raise ValueError("nothing to regenerate: the conversation is empty")
-        yield from self._respond(sampling or Sampling())
+        self.stop_requested = False
+        return self._turn([], [], sampling, redo=True)
+
+    def _turn(self, msgs: list[Message], images: list, sampling: Sampling | None, redo: bool = False):
+        before = (list(self.messages), list(self.images))
+        if redo:
+            if self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages.pop()
+            if not self.messages:
+                raise ValueError("nothing to regenerate: the conversation is empty")
+        self.messages += msgs
+        self.images += images
+        yield from self._respond(sampling or Sampling(), before)
 
     def _reuse(self, ids: list[int]) -> int:
         """Length of the cached prefix to keep (never ending inside an image block, never all of ids)."""
@@ -111,82 +168,108 @@ class ChatSession:
             n -= 1
         return n
 
+    def _trim_to(self, n: int) -> None:
+        """Every layer's cache and cached_ids to the same n tokens (a failed step may advance only some layers)."""
+        n = min([n, len(self.cached_ids)] + [c.offset for c in self.cache])
+        for c in self.cache:
+            if c.offset > n:
+                c.trim(c.offset - n)
+        self.cached_ids = self.cached_ids[:n]
+
     def _prefill(self, ids: list[int]) -> tuple[mx.array, int]:
         """Run the part of `ids` the cache lacks (encoding only new images). Returns (last states, reused)."""
         model, proc = self.model, self.processor
         if self.cache is None:
             self.cache = make_prompt_cache(model.language_model)
         keep = self._reuse(ids)
-        trim_prompt_cache(self.cache, len(self.cached_ids) - keep)
+        self._trim_to(keep)
         new = ids[keep:]
         n_new_images = sum(1 for t in new if t == proc.image_token_id) // model.config.num_image_tokens
-        feats = None
-        if n_new_images:
-            pv = proc.pixel_values(self.images[len(self.images) - n_new_images :])
-            feats = model.image_features(mx.array(pv))
-        h, _ = model.run_layers(model.embed(mx.array([new]), feats), self.cache)
-        self.cached_ids = ids
+        try:
+            feats = None
+            if n_new_images:
+                pv = proc.pixel_values(self.images[len(self.images) - n_new_images :])
+                feats = model.image_features(mx.array(pv))
+            h, _ = model.run_layers(model.embed(mx.array([new]), feats), self.cache)
+            mx.eval(h)
+        except BaseException:
+            self._trim_to(keep)
+            raise
+        self.cached_ids = list(ids)
         return h, keep
 
     def _decode(
-        self, y: mx.array, next_token: Callable, sampling: Sampling, out: list[int]
-    ) -> Generator[Chunk, None, tuple[str, str, int]]:
+        self, y: mx.array, next_token: Callable, sampling: Sampling, out: list[int], detok: StreamingDetokenizer
+    ) -> Generator[Chunk, None, tuple[str, int]]:
         """Sample until a stop token, max_tokens or stop(); the next step computes while a chunk is yielded.
 
-        Fills `out` with the answer's tokens; returns (finish reason, text shown so far, tokens shown)."""
+        Fills `out` with the answer's tokens and `detok` with their text; returns (finish reason, tokens shown)."""
         proc = self.processor
-        shown, n_shown = "", 0
-        reason = "length"
+        special = set(proc.tokenizer.all_special_ids)
+        n_shown = 0
         while len(out) < sampling.max_tokens:
             tok = int(y.item())
             if tok in proc.stop_ids and not sampling.ignore_stop:
-                reason = "stop"
-                break
+                return "stop", n_shown
             out.append(tok)
             more = len(out) < sampling.max_tokens
             if more and not self.stop_requested:
                 h, _ = self.model.run_layers(self.model.embed(y.reshape(1, 1)), self.cache)
                 y_next = next_token(h)
                 mx.async_eval(y_next)  # computes while we detokenize and yield
-            self.cached_ids = self.cached_ids + [tok]
-            text = _stable_text(proc.decode(out))
-            if len(text) > len(shown):
-                yield Chunk(text[len(shown) :], out[n_shown:])
-                shown, n_shown = text, len(out)
+                self.cached_ids.append(tok)
+            if tok not in special:  # as decode(skip_special_tokens=True)
+                detok.add_token(tok)
+            seg = detok.last_segment
+            if seg:
+                yield Chunk(seg, out[n_shown:])
+                n_shown = len(out)
             if self.stop_requested:
-                reason = "stopped"
-                break
+                return "stopped", n_shown
             if more:
                 y = y_next
-        return reason, shown, n_shown
+        return "length", n_shown
 
-    def _respond(self, sampling: Sampling) -> Iterator[Chunk]:
-        self.stop_requested = False
-        prompt_text, ids = self._encode()
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
-        next_token = _token_picker(self.model, self.processor, sampling)
-        h, keep = self._prefill(ids)
-        y = next_token(h)
-        mx.eval(y)
+    def _record(self, prompt_text: str, conv: list[Message], ids: list[int], out: list[int], detok) -> None:
+        """Keep the answer (whole or partial) so the model sees what the user saw; cache and ids agree."""
+        self._trim_to(len(ids) + len(out))  # the last sampled token was never fed to the cache
+        detok.finalize()
+        final = detok.text
+        self.messages.append({"role": "assistant", "content": final})
+        self._text = prompt_text + _MARK.format(len(conv))
+        self._msgs = [*conv, _literal(self.messages[-1])]
+        self._ids = ids + out
+
+    def _respond(self, sampling: Sampling, before: tuple[list, list]) -> Iterator[Chunk]:
+        try:
+            prompt_text, ids, conv = self._encode()
+            mx.reset_peak_memory()
+            t0 = time.perf_counter()
+            next_token = _token_picker(self.model, self.processor, sampling)
+            h, keep = self._prefill(ids)
+            y = next_token(h)
+            mx.eval(y)
+        except BaseException:
+            self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
+            raise
         stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
         stats.ttft_s = time.perf_counter() - t0
         stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
         out: list[int] = []
+        detok = detokenizer(self.processor)
         t1 = time.perf_counter()
-        reason, shown, n_shown = yield from self._decode(y, next_token, sampling, out)
-        # the last sampled token was never fed to the cache
-        if len(self.cached_ids) > self.cache[0].offset:
-            self.cached_ids = self.cached_ids[: self.cache[0].offset]
-        final = self.processor.decode(out)
+        try:
+            reason, n_shown = yield from self._decode(y, next_token, sampling, out, detok)
+        except BaseException:  # the stream was closed (a cancelled request) or failed: keep what was produced
+            self._record(prompt_text, conv, ids, out, detok)
+            raise
+        self._record(prompt_text, conv, ids, out, detok)
         dt = time.perf_counter() - t1
         stats.generated_tokens = len(out)
         stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         stats.finish_reason = reason
-        self.messages.append({"role": "assistant", "content": final})
-        self._text, self._ids = prompt_text + final, ids + out
-        yield Chunk(final[len(shown) :], out[n_shown:], stats)
+        yield Chunk(detok.last_segment, out[n_shown:], stats)
 
 
 def _token_picker(model: Pico, proc: Processor, sampling: Sampling) -> Callable[[mx.array], mx.array]:
@@ -228,7 +311,7 @@ def generate_batch(
     from mlx_lm.models.cache import BatchKVCache
 
     proc = processor
-    ids = [proc.encode([{"role": "user", "content": f"{IMAGE}\n{q}" if im is not None else q}]) for q, im in prompts]
+    ids = [proc.encode_chat([user_message(q, im is not None)]) for q, im in prompts]
     width = max(len(x) for x in ids)
     pad = [width - len(x) for x in ids]
     pad_id = proc.tokenizer.pad_token_id if proc.tokenizer.pad_token_id is not None else 0

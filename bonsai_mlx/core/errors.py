@@ -1,20 +1,92 @@
-"""Command-line helpers: one-line errors instead of tracebacks; negative-number lists as values."""
+"""The project's error types, and command-line helpers: one-line errors for those only; negative-number lists.
+
+A one-line error is a promise that the input, not the program, is at fault. So `friendly()` turns only the
+project's own error types into `prog: message` (and OS errors on a named file: missing, unreadable, disk full);
+anything else is a programming error and keeps its traceback. `BONSAI_DEBUG=1` prints the traceback always.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import linecache
+import os
 import sys
+import traceback
 from collections.abc import Iterator
+from pathlib import Path
+
+
+class BonsaiError(Exception):
+    """Base of the errors that describe bad input (files, flags, data); shown as one line by CLIs."""
+
+
+class UserError(BonsaiError, ValueError):
+    """Bad input in general (a flag, a file's content, a request). A ValueError too, for older callers."""
+
+
+class InputNotFound(BonsaiError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+def project_errors() -> tuple[type[BaseException], ...]:
+    """Every error type that means "bad input": BonsaiError and the core's older types listed by name."""
+    from bonsai_mlx.core.config import ConfigError
+    from bonsai_mlx.core.images import ImageError
+    from bonsai_mlx.core.io import CheckpointError
+    from bonsai_mlx.core.records import BadSample
+
+    return (BonsaiError, ConfigError, ImageError, CheckpointError, BadSample)
+
+
+_PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _raised_by_project(e: BaseException) -> bool:
+    """True for `raise ValueError("...")` written in this project (a message meant for the user): the innermost
+    frame is one of our files and its line is a `raise` statement. A ValueError from a library, or a KeyError
+    from `d["x"]`, is not one."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    try:
+        rel = path.relative_to(_ROOT)
+    except ValueError:
+        return False
+    if rel.parts[0] not in _PACKAGES:
+        return False
+    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, project_errors()):
+        return True
+    if isinstance(e, OSError) and e.filename is not None:  # the environment: a named file missing/unreadable
+        return True
+    # modules outside this layer still raise plain ValueError/FileNotFoundError with a user-facing message
+    return type(e) in (ValueError, FileNotFoundError) and _raised_by_project(e)
+
+
+def message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and not isinstance(e, BonsaiError) and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
 
 
 @contextlib.contextmanager
 def friendly(prog: str = "error") -> Iterator[None]:
-    """Turn expected failures (bad files, bad config, bad input) into `error: ...` and exit 2."""
+    """Turn bad-input errors into `prog: ...` on one line and exit 2; everything else propagates."""
     try:
         yield
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"{prog}: {msg}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if os.environ.get("BONSAI_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: {message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

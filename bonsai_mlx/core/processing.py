@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.config import ConfigError, PicoConfig
 from bonsai_mlx.core.images import load_image
 
 IMAGE = "<image>"
 Message = dict[str, Any]
+# a message's content stands in the rendered template as one of these, so template text and content are known apart
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _text_of(content: str | list) -> str:
@@ -44,13 +48,13 @@ class Processor:
         self.image_token_id = config.image_token_index
         tok_id = self.tokenizer.convert_tokens_to_ids(IMAGE)
         if tok_id != self.image_token_id:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.dir}: tokenizer maps {IMAGE} to {tok_id}, "
                 f"config.json says image_token_index={self.image_token_id}"
             )
         self.chat_template = self.tokenizer.chat_template or self._processor_template()
         if not self.chat_template:
-            raise ValueError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")
+            raise ConfigError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")
         self.stop_ids = self._stop_ids()
 
     def _processor_template(self) -> str | None:
@@ -86,6 +90,53 @@ class Processor:
 
     def encode(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.encode_text(self.render(messages, add_generation_prompt))
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Text typed by a user: `<image>` or `<|im_end|>` in it are plain characters, never special tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_content(self, content: str | list) -> list[int]:
+        """A message's content as ids. A string is LLaVA data, where `<image>` tags mark the image slots; a list
+        of typed parts (HF style) is what a chat builds, where only {"type": "image"} parts make image slots.
+        Text is always literal: it can never produce control tokens."""
+        image = [self.image_token_id] * self.config.num_image_tokens
+        if isinstance(content, str):
+            pieces = content.split(IMAGE)
+            ids = self.encode_literal(pieces[0]) if pieces[0] else []
+            for piece in pieces[1:]:
+                ids += image + (self.encode_literal(piece) if piece else [])
+            return ids
+        ids, text = [], ""
+        for part in content:
+            if part.get("type") == "image":
+                ids += self.encode_literal(text) if text else []
+                ids += image
+                text = "\n"
+            elif part.get("type") == "text":
+                text += part.get("text", "")
+        return ids + (self.encode_literal(text) if text else [])
+
+    def render_marked(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The chat template with each message's content replaced by a marker (see `encode_marked`)."""
+        msgs = [{"role": m["role"], "content": _MARK.format(i)} for i, m in enumerate(messages)]
+        return self.tokenizer.apply_chat_template(
+            msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_marked(self, marked: str, messages: list[Message]) -> list[int]:
+        """Ids of a marked rendering: the template's own text keeps its special tokens, contents are literal."""
+        ids: list[int] = []
+        pos = 0
+        for m in _MARK_RE.finditer(marked):
+            ids += self.encode_text(marked[pos : m.start()]) if m.start() > pos else []
+            ids += self.encode_content(messages[int(m.group(1))]["content"])
+            pos = m.end()
+        return ids + (self.encode_text(marked[pos:]) if pos < len(marked) else [])
+
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation whose contents come from users: only image parts make image slots and only the
+        template makes control tokens."""
+        return self.encode_marked(self.render_marked(messages, add_generation_prompt), messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

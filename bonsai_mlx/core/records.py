@@ -10,12 +10,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonsai_mlx.core.errors import InputNotFound, UserError
+
 IGNORE = -100
 IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class BadSample(ValueError):
+class BadSample(UserError):
     """A record that cannot be used (missing image, malformed turns...)."""
 
 
@@ -25,19 +27,26 @@ def read_records(source: str | Path) -> list[dict]:
         text = p.read_text()
         try:
             if p.suffix == ".jsonl":
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
+                return [_json_line(p, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
-            raise ValueError(f"{p}: expected a JSON list of LLaVA records")
+            raise UserError(f"{p}: expected a JSON list of LLaVA records")
         return data
     if p.is_dir() or "/" in str(source):
         import datasets
 
         ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.load_dataset(str(source), split="train")
         return [dict(r) for r in ds]
-    raise FileNotFoundError(f"{source}: no such data file")
+    raise InputNotFound(f"{source}: no such data file")
+
+
+def _json_line(p: Path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def messages_of(rec: dict) -> list[dict]:
@@ -65,7 +74,7 @@ def record_ids(records: list, source: str = "data") -> list[str]:
         rid = rec.get("id") if isinstance(rec, dict) else None
         rid = f"#{i}" if rid is None else str(rid)
         if rid in seen:
-            raise ValueError(
+            raise UserError(
                 f"{source}: records {seen[rid]} and {i} share the id {rid!r}; ids must be unique "
                 "(drop the 'id' fields to key records by position)"
             )
@@ -114,7 +123,7 @@ def tokenize(
         prefix = processor.render(msgs[:k], add_generation_prompt=True)
         full = processor.render(msgs[: k + 1], add_generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
-            raise ValueError("the chat template does not render conversations prefix-stably; cannot mask labels")
+            raise UserError("the chat template does not render conversations prefix-stably; cannot mask labels")
         ctx = _encode(processor, prefix[len(done) :], len(done), offsets)
         ans = _encode(processor, full[len(prefix) :], len(prefix), offsets)
         last = max((i for i, t in enumerate(ans) if t in stop), default=len(ans) - 1)
@@ -128,6 +137,16 @@ def tokenize(
         if run % processor.config.num_image_tokens:
             raise BadSample(f"max_length {max_length} cuts through the image tokens")
     return ids, labels, truncated
+
+
+def check_image_tokens(processor, ids: list[int], n_images: int, truncated: bool = False) -> None:
+    """Every built example must hold exactly n_images blocks of image tokens, or the model cannot place the
+    image features: a mismatch is a BadSample here instead of a crash mid-run."""
+    per = processor.config.num_image_tokens
+    have = ids.count(processor.image_token_id)
+    if have != n_images * per:
+        why = " (max_length cut before the image)" if truncated and have < n_images * per else ""
+        raise BadSample(f"{have} image tokens for {n_images} image(s) of {per} tokens{why}")
 
 
 @dataclass
@@ -174,13 +193,14 @@ class Dataset:
                     if not Path(path).is_file():
                         raise BadSample(f"image file {path} not found")
                 ids, labels, t = tokenize(processor, msgs, max_length)
+                check_image_tokens(processor, ids, n_img, t)
                 if all(label == IGNORE for label in labels):
                     raise BadSample("no assistant token left after truncation")
                 trunc += t
                 out.append(Example(rid, ids, labels, path, n_img))
             except BadSample as e:
                 if on_bad == "error":
-                    raise ValueError(f"record {rid}: {e}") from None
+                    raise UserError(f"record {rid}: {e}") from None
                 bad[rid] = str(e)
         return cls(out, bad, trunc)
 
