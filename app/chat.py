@@ -43,29 +43,31 @@ def _note(conv: Conversation, text: str) -> list[dict]:
 
 
 def _ensure_session(conv: Conversation, registry, model_name: str, settings: Settings) -> ChatSession:
+    """The tab's session on `model_name` (the caller holds registry.lock). A session detached by a model switch in
+    another tab keeps its conversation and gets its model back here."""
     if conv.session is None or conv.model_name != model_name:
-        model, proc = registry.get(model_name)
-        conv.session = ChatSession(model, proc, system=settings.system or None)
+        conv.session = ChatSession(None, None)
         conv.model_name = model_name
+    if conv.session.model is None or registry.name != model_name:
+        registry.attach(conv.session, model_name)
     conv.session.system = settings.system or None
     return conv.session
 
 
-def _stream(conv: Conversation, registry, chunks) -> Iterator[list[dict]]:
+def _stream(conv: Conversation, chunks) -> Iterator[list[dict]]:
     conv.history.append({"role": "assistant", "content": ""})
-    with registry.generate_lock:
-        for chunk in chunks:
-            conv.history[-1]["content"] += chunk.text
-            if chunk.stats:
-                s = chunk.stats
-                conv.stats.append(
-                    f"TTFT {s.ttft_s:.2f} s · {f'{s.decode_tps:.1f} tok/s' if s.generated_tokens > 1 else '- tok/s'} · "
-                    f"{s.generated_tokens} tokens · "
-                    f"peak {s.peak_memory_gb:.2f} GB"
-                )
-                # shown under the answer itself (the session keeps the plain answer text)
-                conv.history[-1]["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
-            yield conv.history
+    for chunk in chunks:
+        conv.history[-1]["content"] += chunk.text
+        if chunk.stats:
+            s = chunk.stats
+            conv.stats.append(
+                f"TTFT {s.ttft_s:.2f} s · {f'{s.decode_tps:.1f} tok/s' if s.generated_tokens > 1 else '- tok/s'} · "
+                f"{s.generated_tokens} tokens · "
+                f"peak {s.peak_memory_gb:.2f} GB"
+            )
+            # shown under the answer itself (the session keeps the plain answer text)
+            conv.history[-1]["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
+        yield conv.history
 
 
 def submit(
@@ -82,30 +84,35 @@ def submit(
     if not text:
         yield _note(conv, "Please type a question" + (" about the image." if image else "."))
         return
-    session = _ensure_session(conv, registry, model_name, settings)
-    n = len(session.processor.encode_text(text))
-    if n > MAX_PROMPT_TOKENS:
-        yield _note(conv, f"That message is {n} tokens; the limit is {MAX_PROMPT_TOKENS}. Please shorten it.")
-        return
-    if image:
-        conv.history.append({"role": "user", "content": {"path": image}})
-    conv.history.append({"role": "user", "content": text})
-    yield conv.history
-    yield from _stream(conv, registry, session.ask(text, image, settings.sampling()))
+    with registry.lock:  # all MLX work, one tab at a time (a model switch waits for this answer)
+        session = _ensure_session(conv, registry, model_name, settings)
+        n = len(session.processor.encode_literal(text))
+        if n > MAX_PROMPT_TOKENS:
+            yield _note(conv, f"That message is {n} tokens; the limit is {MAX_PROMPT_TOKENS}. Please shorten it.")
+            return
+        chunks = session.ask(text, image, settings.sampling())  # (a Stop pressed from now on counts)
+        if image:
+            conv.history.append({"role": "user", "content": {"path": image}})
+        conv.history.append({"role": "user", "content": text})
+        yield conv.history
+        yield from _stream(conv, chunks)
 
 
 def regenerate(conv: Conversation, registry, settings: Settings) -> Iterator[list[dict]]:
     if conv.session is None or not conv.session.messages or conv.session.messages[-1]["role"] != "assistant":
         yield _note(conv, "There is no answer to regenerate yet.")
         return
-    while conv.history and conv.history[-1]["role"] == "assistant":
-        conv.history.pop()
-    if conv.stats:
-        conv.stats.pop()
-    conv.session.system = settings.system or None
-    yield from _stream(conv, registry, conv.session.regenerate(settings.sampling()))
+    with registry.lock:
+        session = _ensure_session(conv, registry, conv.model_name, settings)
+        chunks = session.regenerate(settings.sampling())
+        while conv.history and conv.history[-1]["role"] == "assistant":
+            conv.history.pop()
+        if conv.stats:
+            conv.stats.pop()
+        yield from _stream(conv, chunks)
 
 
 def stop(conv: Conversation) -> None:
+    """Ask the running answer to end; it ends on its own, and the session keeps the part already shown."""
     if conv.session is not None:
         conv.session.stop_requested = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import weakref
 from pathlib import Path
 
 DEFAULT_PLACES = ("runs/shapes/model", "models")
@@ -35,27 +36,47 @@ def discover(model: str | None = None, models_dir: str | None = None) -> dict[st
 
 
 class Registry:
-    """Loads a model once and shares it; switching models frees the previous one first."""
+    """Loads a model once and shares it; switching models frees the previous one first.
+
+    One lock guards all MLX work (loading, switching, generating), so a switch in one tab waits for a generation
+    in another instead of running MLX from two threads. A switch detaches every chat session from the old model
+    (their conversations stay, and re-attach on their next turn), so nothing keeps the old weights alive."""
 
     def __init__(self, models: dict[str, Path]):
         self.models = models
         self.name: str | None = None
         self.model = self.processor = None
-        self.load_lock = threading.Lock()
-        self.generate_lock = threading.Lock()  # one generation at a time: requests queue, state stays intact
+        self.lock = threading.Lock()  # a plain Lock: a streamed answer may be resumed and closed on other threads
+        self._sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    @property
+    def generate_lock(self) -> threading.Lock:
+        return self.lock
 
     def get(self, name: str):
+        """(model, processor) of `name`, loading it (and freeing the previous one) if needed."""
+        with self.lock:
+            return self.load(name)
+
+    def load(self, name: str):
+        """As `get`, for a caller that holds `lock`."""
         if name not in self.models:
             raise ValueError(f"unknown model {name!r}")
-        with self.load_lock:
-            if self.name != name:
-                import mlx.core as mx
+        if self.name != name:
+            import mlx.core as mx
 
-                from bonsai_mlx.generate import load
+            from bonsai_mlx.generate import load
 
-                self.model = self.processor = None
-                gc.collect()
-                mx.clear_cache()
-                self.model, self.processor = load(str(self.models[name]))
-                self.name = name
-            return self.model, self.processor
+            for s in list(self._sessions.values()):
+                s.detach()
+            self.model = self.processor = self.name = None
+            gc.collect()
+            mx.clear_cache()
+            self.model, self.processor = load(str(self.models[name]))
+            self.name = name
+        return self.model, self.processor
+
+    def attach(self, session, name: str) -> None:
+        """Give `session` the model `name` (caller holds `lock`); it is detached again if another model is loaded."""
+        session.model, session.processor = self.load(name)
+        self._sessions[id(session)] = session

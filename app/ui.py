@@ -80,11 +80,13 @@ def build(registry: Registry) -> gr.Blocks:
         def on_model(c: Conversation | None, name):
             c = c or Conversation()
             c.clear()
-            registry.get(name)  # load now (frees the previous model) so the first answer is quick
+            registry.get(name)  # load now (frees the previous model; waits for an answer in another tab)
             return c, [], f"Loaded **{name}**."
 
         sub = box.submit(on_submit, [conv, box, model_dd, *settings_in], [conv, chatbot, stats, box])
-        box.stop(on_stop, [conv], [box], cancels=[sub])
+        # Stop only raises the session's flag: the answer ends by itself, so the model keeps the partial answer
+        # the user saw (cancelling the stream would drop it on the model side).
+        box.stop(on_stop, [conv], [box])
         regen = regen_btn.click(on_regenerate, [conv, *settings_in], [conv, chatbot, stats])
         clear_btn.click(on_clear, [conv], [conv, chatbot, stats], cancels=[sub, regen])
         model_dd.change(on_model, [conv, model_dd], [conv, chatbot, stats])

@@ -13,24 +13,36 @@ import json
 import sys
 from pathlib import Path
 
+from bonsai_mlx.core.errors import UserError
+from bonsai_mlx.core.records import record_ids
 from bonsai_mlx.metrics import bleu4, cider_d, pope, rouge_l, vqa_accuracy, yes_no
 
 METRICS = ("vqa", "yesno", "rouge", "bleu", "cider")
 NOT_OFFERED = {"meteor": "METEOR needs Java (the reference jar) or NLTK's WordNet download; not offered offline"}
 
 
-def qa_of(rec: dict) -> dict:
-    """{id, question, answers, image, type} from a LLaVA conversation or a question/answer record."""
-    if "conversations" in rec:
-        conv = rec["conversations"]
-        q = next(t["value"] for t in conv if t.get("from") in ("human", "user"))
-        a = next(t["value"] for t in conv if t.get("from") in ("gpt", "assistant"))
-        answers = [a]
-    else:
-        q, a = rec["question"], rec["answer"] if "answer" in rec else rec["answers"]
-        answers = a if isinstance(a, list) else [a]
+def qa_of(rec: dict, rid: str | None = None) -> dict:
+    """{id, question, answers, image, type} from a LLaVA conversation or a question/answer record.
+
+    `rid` is the record's id from `record_ids` (its own id, else its position): never the question text, which
+    POPE/VQA-style sets repeat across images."""
+    try:
+        if "conversations" in rec:
+            conv = rec["conversations"]
+            q = next(t["value"] for t in conv if t.get("from") in ("human", "user"))
+            a = next(t["value"] for t in conv if t.get("from") in ("gpt", "assistant"))
+            answers = [a]
+        else:
+            q, a = rec["question"], rec["answer"] if "answer" in rec else rec["answers"]
+            answers = a if isinstance(a, list) else [a]
+        if not isinstance(q, str):
+            raise TypeError
+    except (KeyError, StopIteration, TypeError, AttributeError):
+        raise UserError(
+            f"record {rid}: expected 'conversations' with a human and a gpt turn, or 'question' and 'answer(s)'"
+        ) from None
     return {
-        "id": str(rec.get("id", q)),
+        "id": rid if rid is not None else str(rec["id"]),
         "question": q.replace("<image>", "").strip(),
         "answers": answers,
         "image": rec.get("image"),
@@ -52,7 +64,7 @@ def predict(model, proc, qas: list[dict], image_root: str | None, max_tokens: in
 def predict_records(
     model, proc, records: list[dict], image_root: str | None, max_tokens: int = 32, batch_size: int = 16
 ) -> list[str]:
-    qas = [qa_of(r) for r in records]
+    qas = [qa_of(r, rid) for r, rid in zip(records, record_ids(records), strict=True)]
     out: list[str] = []
     for i in range(0, len(qas), batch_size):
         out += predict(model, proc, qas[i : i + batch_size], image_root, max_tokens)
@@ -106,10 +118,11 @@ def evaluate(
     metrics=METRICS,
     progress: bool = True,
     batch_size: int = 16,
+    source: str = "data",
 ) -> dict:
     from tqdm import tqdm
 
-    qas = [qa_of(r) for r in records]
+    qas = [qa_of(r, rid) for r, rid in zip(records, record_ids(records, source), strict=True)]
     done = {}
     if out.is_file():
         for line in out.read_text().splitlines():
@@ -151,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics = tuple(m for m in a.metrics.split(",") if m)
         unknown = [m for m in metrics if m not in METRICS]
         if unknown and unknown[0] in NOT_OFFERED:
-            raise ValueError(f"--metrics: {NOT_OFFERED[unknown[0]]}")
+            raise UserError(f"--metrics: {NOT_OFFERED[unknown[0]]}")
         if unknown:
-            raise ValueError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
+            raise UserError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
         model, proc = load(a.model)
         recs = read_records(a.data)[: a.limit]
-        s = evaluate(model, proc, recs, Path(a.out), a.image_root, a.max_tokens, metrics, batch_size=a.batch_size)
+        s = evaluate(
+            model, proc, recs, Path(a.out), a.image_root, a.max_tokens, metrics, batch_size=a.batch_size, source=a.data
+        )
         summary = Path(a.out).with_suffix(".summary.json")
         atomic_write_text(summary, json.dumps(s, indent=2))
         print(table(s))

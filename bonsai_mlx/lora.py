@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from bonsai_mlx.core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TARGETS, lm_target_regex
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.loading import canonical_key
 from bonsai_mlx.weights import atomic_save_safetensors
@@ -27,7 +29,7 @@ def apply_lora(model: nn.Module, targets=TARGETS, rank: int = 16, alpha: float =
                     parent[name] = LoRALinear.from_base(parent[name], r=rank, dropout=dropout, scale=alpha / rank)
                     n += 1
     if n == 0:
-        raise ValueError(f"--lora-targets {','.join(targets)} matched no LM layer (choose from {','.join(TARGETS)})")
+        raise UserError(f"--lora-targets {','.join(targets)} matched no LM layer (choose from {','.join(TARGETS)})")
     return n
 
 
@@ -68,42 +70,87 @@ def save_adapter(
     atomic_write_text(out / ADAPTER_CONFIG, json.dumps(cfg, indent=2) + "\n")
 
 
-def read_adapter(path: str | Path) -> tuple[dict, dict[str, tuple[mx.array, mx.array]]]:
-    """(adapter_config, {module path: (lora_a, lora_b)} in mlx-lm orientation)."""
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, tuple[mx.array, mx.array, float]]]:
+    """(adapter_config, {module path: (lora_a, lora_b, scale)} in mlx-lm orientation).
+
+    The scale is PEFT's for that module: alpha / r, or alpha / sqrt(r) with `use_rslora`, where r and alpha come
+    from `rank_pattern` / `alpha_pattern` when a pattern matches the module (peft's own matching rule)."""
     d = Path(path)
     if not (d / ADAPTER_CONFIG).is_file():
-        raise FileNotFoundError(f"{d / ADAPTER_CONFIG}: not found (expected a PEFT LoRA adapter)")
-    cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        raise InputNotFound(f"{d / ADAPTER_CONFIG}: not found (expected a PEFT LoRA adapter)")
+    try:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e.msg})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, only LORA is supported")
+        raise UserError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, only LORA is supported")
+    for key in ("use_dora", "lora_bias"):
+        if cfg.get(key):
+            raise UserError(f"{d / ADAPTER_CONFIG}: {key}=true is not supported (plain LoRA only)")
+    if not (d / ADAPTER_WEIGHTS).is_file():
+        raise InputNotFound(f"{d / ADAPTER_WEIGHTS}: not found")
     raw = mx.load(str(d / ADAPTER_WEIGHTS))
     pairs: dict[str, dict[str, mx.array]] = {}
     for k, v in raw.items():
         m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.default)?\.weight$", k)
         if not m:
             continue
-        pairs.setdefault(canonical_key(m.group(1)), {})[m.group(2)] = v
-    return cfg, {p: (ab["A"].T, ab["B"].T) for p, ab in pairs.items()}
+        pairs.setdefault(m.group(1), {})[m.group(2)] = v
+    out = {}
+    for hf_path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{d / ADAPTER_WEIGHTS}: {hf_path} lacks lora_{'B' if 'A' in ab else 'A'}")
+        r, alpha = _rank_alpha(cfg, hf_path)
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise UserError(
+                f"{d / ADAPTER_WEIGHTS}: {hf_path} has rank {ab['A'].shape[0]} but adapter_config.json says {r}"
+            )
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        out[canonical_key(hf_path)] = (ab["A"].T, ab["B"].T, scale)
+    return cfg, out
+
+
+def _rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
+    """PEFT's r and alpha for one module (peft.utils.other.get_pattern_key: first pattern matching the end)."""
+
+    def pick(pattern: dict | None, default):
+        for key, value in (pattern or {}).items():
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    r = pick(cfg.get("rank_pattern"), cfg["r"])
+    return r, pick(cfg.get("alpha_pattern"), cfg.get("lora_alpha", r))
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> int:
     """Attach a saved PEFT adapter to `model` (creating the LoRA layers). Returns the count."""
-    cfg, pairs = read_adapter(path)
-    rank, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    _, pairs = read_adapter(path)
     modules = dict(model.named_modules())
-    for p, (a, b) in pairs.items():
+    for p, (a, b, scale) in pairs.items():
         parent_path, name = p.rsplit(".", 1)
         parent = modules.get(parent_path)
         if parent is None or name not in parent:
-            raise ValueError(f"{path}: adapter targets {p}, which this model does not have")
-        lora = (
-            parent[name]
-            if isinstance(parent[name], LoRALinear)
-            else LoRALinear.from_base(parent[name], r=rank, scale=alpha / rank)
-        )
+            raise UserError(f"{path}: adapter targets {p}, which this model does not have (made for another base?)")
+        base = parent[name].linear if isinstance(parent[name], LoRALinear) else parent[name]
+        out_dims, in_dims = _dims(base)
+        if a.shape[0] != in_dims or b.shape[1] != out_dims:
+            raise UserError(
+                f"{path}: {p} is {in_dims}->{out_dims} in this model but {a.shape[0]}->{b.shape[1]} in the adapter "
+                "(made for another base?)"
+            )
+        lora = LoRALinear.from_base(base, r=a.shape[1], scale=scale)
         lora.lora_a, lora.lora_b = a.astype(mx.float32), b.astype(mx.float32)
         parent[name] = lora
     return len(pairs)
+
+
+def _dims(linear: nn.Module) -> tuple[int, int]:
+    """(out, in) of a float or quantized linear."""
+    out_dims, in_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        in_dims = in_dims * 32 // linear.bits
+    return out_dims, in_dims
 
 
 def fuse_lora(model: nn.Module) -> int:

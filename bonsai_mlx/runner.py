@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx import loading, lora
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import Dataset, read_records
@@ -44,7 +45,7 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
             str(data_dir / "images"),
         )
     if not cfg.model or not cfg.data:
-        raise ValueError("--model and --data go together (or give neither for the embedded default)")
+        raise UserError("--model and --data go together (or give neither for the embedded default)")
 
     model_dir = loading.resolve(cfg.model)
     model, pcfg = loading.load(model_dir, dtype=default_dtype(cfg))
@@ -69,6 +70,8 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         extra, extra_loss, augment = setup_distill(cfg, model, proc, train)
     on_eval = (lambda tr: accuracy(tr.model, proc, cfg.eval_data, cfg.image_root, limit=100)) if embedded else None
     trainer = Trainer(cfg, model, proc, train, evaluate, extra_loss, extra, on_eval, augment)
+    if embedded:  # so that --resume runs the embedded default again (its accuracy checks and final report)
+        trainer.run_info = {"embedded": True, "quick": quick}
     if resume:
         trainer.load_checkpoint(resume)
         print(f"resumed at step {trainer.step} of {trainer.total_steps}")

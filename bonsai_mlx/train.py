@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from bonsai_mlx.core.align import FEAT_LOSSES
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.train_config import STAGES, TrainConfig
 from bonsai_mlx.embedded import DEFAULT, DEFAULT_DATA
 
@@ -99,16 +100,20 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         from bonsai_mlx.checkpoint import resolve_checkpoint
 
-        d.update(json.loads((resolve_checkpoint(args.resume) / "state.json").read_text())["config"])
+        state = json.loads((resolve_checkpoint(args.resume) / "state.json").read_text())
+        d.update(state["config"])
+        if state.get("embedded"):  # the run fills these in itself; left filled, it would not know it is the default
+            d.update(model=None, data=None, eval_data=None, image_root=None)
+            args.quick = args.quick or bool(state.get("quick"))
     if args.config:
         import yaml
 
         p = Path(args.config)
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such config file")
+            raise InputNotFound(f"{p}: no such config file")
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: expected a mapping of option: value")
+            raise UserError(f"{p}: expected a mapping of option: value")
         d.update({k.replace("-", "_"): v for k, v in loaded.items()})
     names = {f.name for f in fields(TrainConfig)}
     d.update({k: v for k, v in vars(args).items() if k in names})

@@ -91,6 +91,7 @@ class Trainer:
             self.params_holder.extra = extra_params
         self.loss_and_grad = nn.value_and_grad(self.params_holder, self._loss)
         self.skipped: dict[str, str] = dict(train.bad)
+        self.run_info: dict = {}  # saved in each checkpoint's state.json (e.g. that this is the embedded default)
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, batch: dict, step_frac: mx.array):
@@ -118,14 +119,20 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, batches: list[Batch]) -> tuple[float, int, dict]:
-        grads_sum, loss_sum, tokens, aux = None, 0.0, 0, {}
+        """One optimizer step over `grad_accum` micro-batches: the gradient is the mean over the micro-batches that
+        were used, on every process (a skipped one, e.g. all of its images corrupt, counts nowhere); a process
+        whose micro-batches were all skipped still joins the all_sum, with zeros."""
+        grads_sum, loss_sum, tokens, aux, used = None, 0.0, 0, {}, 0
         self.model.train()  # dropout on
         frac = mx.array(self.step / max(1, self.total_steps - 1))
-        for b in batches:
+        for i, b in enumerate(batches):
             self.skipped.update(b.skipped)
             if not b.ids:
                 continue
-            mx.random.seed(self.cfg.seed * 1_000_003 + self.step)  # dropout depends on the step only: exact resume
+            # dropout depends on (step, micro-batch, process) only: each micro-batch draws its own masks, and a
+            # resumed run draws the same ones
+            micro = self.step * len(batches) + i
+            mx.random.seed(self.cfg.seed * 1_000_003 + micro * self.world + self.rank)
             bm = to_mx(b)
             if self.augment is not None:
                 bm.update(self.augment(b))
@@ -135,17 +142,22 @@ class Trainer:
             loss_sum += loss.item()
             aux["ce"] = aux.get("ce", 0.0) + ce.item()
             tokens += b.n_tokens
+            used += 1
         if grads_sum is None:
-            return float("nan"), 0, aux
-        k = len(batches)
-        grads = tree_map(lambda g: g / k, grads_sum)
+            grads_sum = tree_map(mx.zeros_like, self.params_holder.trainable_parameters())
+        n = used
         if self.group is not None:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group) / self.world, grads)
+            grads_sum = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads_sum)
+            n = int(mx.distributed.all_sum(mx.array(used), group=self.group).item())
+        self.step += 1  # a step whose micro-batches were all skipped still consumes them (exact resume)
+        if n == 0:
+            return float("nan"), 0, aux
+        grads = tree_map(lambda g: g / n, grads_sum)
         if self.cfg.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, self.cfg.grad_clip)
         self.optimizer.update(self.params_holder, grads)
         mx.eval(self.params_holder.parameters(), self.optimizer.state)
-        self.step += 1
+        k = max(used, 1)
         return loss_sum / k, tokens, {key: v / k for key, v in aux.items()}
 
     def eval_loss(self, limit: int = 64) -> float:
@@ -180,6 +192,7 @@ class Trainer:
             self.step,
             self.total_steps,
             len(self.skipped),
+            self.run_info,
         )
 
     def load_checkpoint(self, path: str | Path) -> None:
