@@ -48,7 +48,7 @@ def build(registry: Registry) -> gr.Blocks:
                 model_dd = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens")
+                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="max-tokens")
                 system = gr.Textbox("", label="System prompt", lines=3)
 
         settings_in = [temperature, top_p, max_tokens, system]

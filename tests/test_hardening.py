@@ -762,6 +762,145 @@ ROWS.append(
 )
 
 
+# -- in the browser (the real Gradio UI, headless Chromium) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(pico_dir, tmp_path_factory):
+    """The app over two models (pico-a, pico-b), as `python -m app --models-dir` serves them."""
+    sys.path.insert(0, str(Path(__file__).parent / "app"))
+    from test_browser import _free_port
+
+    models = tmp_path_factory.mktemp("models")
+    for name in ("pico-a", "pico-b"):
+        (models / name).symlink_to(pico_dir, target_is_directory=True)
+    port = _free_port()
+    log_path = models.parent / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "--models-dir", str(models), "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("app did not start: " + log_path.read_text()[-2000:])
+    yield url, log_path
+    proc.terminate()
+    proc.wait(timeout=20)
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from test_browser import CHROMIUM, FLAGS
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_context().new_page()
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#input textarea", timeout=60_000)
+    return page
+
+
+def _ask(page, text: str) -> None:
+    page.wait_for_selector("#input textarea:not([disabled])", timeout=60_000)
+    page.fill("#input textarea", text)
+    page.press("#input textarea", "Enter")
+
+
+def _stats_change(page, old: str, timeout: int = 60_000) -> str:
+    page.wait_for_function(
+        f"(() => {{ const t = document.querySelector('#stats')?.innerText || ''; "
+        f"return t.includes('TTFT') && t !== {old!r}; }})()",
+        timeout=timeout,
+    )
+    return page.inner_text("#stats")
+
+
+def _max_tokens(page, n: int) -> None:
+    box = page.locator("#max-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+
+
+ROWS.append(
+    Row(
+        "(#3) Stop pressed in the browser mid-answer, then Regenerate",
+        "app (Gradio, Chromium)",
+        "the partial answer stays, on screen and in the model's history; Regenerate replaces it",
+        None,
+    )
+)
+
+
+def test_stop_in_the_browser_keeps_the_partial_answer(server, browser):
+    url, _ = server
+    page = _open(browser, url)
+    _max_tokens(page, 2048)
+    _ask(page, "describe the image.")
+    page.wait_for_selector("#input .stop-button", timeout=60_000)
+    page.wait_for_function("document.querySelector('#chat').innerText.length > 80", timeout=60_000)
+    page.click("#input .stop-button")
+    # the answer ends by itself (stats shown) instead of being cancelled half-way
+    stats = _stats_change(page, "", timeout=30_000)
+    n = int(stats.split(" tokens")[0].split("·")[-1])
+    assert 0 < n < 2048, stats
+    _max_tokens(page, 4)
+    page.click("#regenerate")
+    _stats_change(page, stats)
+    assert "no answer to regenerate" not in page.inner_text("#chat")  # the model side had the stopped answer
+
+
+ROWS.append(
+    Row(
+        "(#4) two browser tabs chatting at once on different models",
+        "app (Gradio, Chromium)",
+        "both answered; one model in memory at a time; each tab keeps its conversation",
+        None,
+    )
+)
+
+
+def test_two_tabs_chat_at_once_on_different_models(server, browser):
+    url, log = server
+    a, b = _open(browser, url), _open(browser, url)
+    b.click("#model input")
+    b.locator("[data-testid=dropdown-option]", has_text="pico-b").click()
+    b.wait_for_function("document.querySelector('#stats')?.innerText.includes('Loaded pico-b')", timeout=60_000)
+    for p in (a, b):
+        _max_tokens(p, 8)
+    _ask(a, "what colour is the square?")
+    _ask(b, "how many circles are there?")
+    sa, sb = _stats_change(a, ""), _stats_change(b, "Loaded pico-b")
+    _ask(a, "and the circle?")  # tab a's model was freed for tab b: it comes back, with the conversation
+    _stats_change(a, sa)
+    a.wait_for_function("document.querySelector('#chat').innerText.includes('and the circle?')", timeout=30_000)
+    assert "what colour is the square?" in a.inner_text("#chat")
+    assert "how many circles" in b.inner_text("#chat") and sb
+
+
 # -- the table -------------------------------------------------------------------------------------------------------
 
 
