@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bonsai_mlx.core.errors import BonsaiError
 
-class ConfigError(ValueError):
+
+class ConfigError(BonsaiError, ValueError):
     """A config.json that cannot describe a Pico."""
 
 

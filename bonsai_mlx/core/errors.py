@@ -28,16 +28,6 @@ class InputNotFound(BonsaiError, FileNotFoundError):
     """A file or directory the user named does not exist."""
 
 
-def project_errors() -> tuple[type[BaseException], ...]:
-    """Every error type that means "bad input": BonsaiError and the core's older types listed by name."""
-    from bonsai_mlx.core.config import ConfigError
-    from bonsai_mlx.core.images import ImageError
-    from bonsai_mlx.core.io import CheckpointError
-    from bonsai_mlx.core.records import BadSample
-
-    return (BonsaiError, ConfigError, ImageError, CheckpointError, BadSample)
-
-
 _PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
 _ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +52,7 @@ def _raised_by_project(e: BaseException) -> bool:
 
 
 def is_user_error(e: BaseException) -> bool:
-    if isinstance(e, project_errors()):
+    if isinstance(e, BonsaiError):  # ConfigError, ImageError, CheckpointError, BadSample, UserError, ...
         return True
     if isinstance(e, OSError) and e.filename is not None:  # the environment: a named file missing/unreadable
         return True

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bonsai_mlx.core.errors import BonsaiError
+
 MAX_PIXELS = 64_000_000  # ~8000x8000; larger files are refused before decoding
 
 
-class ImageError(ValueError):
+class ImageError(BonsaiError, ValueError):
     """An input that cannot be used as an image."""
 
 

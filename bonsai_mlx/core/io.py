@@ -7,11 +7,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from bonsai_mlx.core.errors import BonsaiError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BonsaiError, ValueError):
     """A model directory whose weights cannot be read."""
 
 
