@@ -230,6 +230,16 @@ def _(ctx: Ctx):
     _one_line_error(ctx, main, ["--model", str(ctx.pico_dir), "--data", str(p)], "data.json: not valid JSON")
 
 
+@row("a data file that does not exist", "train / evaluate --data", "one line: 'nothere.json: no such data file'")
+def _(ctx: Ctx):
+    from bonsai_mlx.evaluate import main as evaluate
+    from bonsai_mlx.train import main as train
+
+    for main in (train, evaluate):
+        argv = ["--model", str(ctx.pico_dir), "--data", str(ctx.tmp / "nothere.json")]
+        _one_line_error(ctx, main, argv, "nothere.json: no such data file")
+
+
 @row("JSONL with one bad line among good ones", "train --data", "one line naming the file and the line number")
 def _(ctx: Ctx):
     from bonsai_mlx.train import main

@@ -13,7 +13,6 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 
 
 class BonsaiError(Exception):
@@ -29,7 +28,6 @@ class InputNotFound(BonsaiError, FileNotFoundError):
 
 
 _PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _raised_by_project(e: BaseException) -> bool:
@@ -41,14 +39,11 @@ def _raised_by_project(e: BaseException) -> bool:
         tb = tb.tb_next
     if tb is None:
         return False
-    path = Path(tb.tb_frame.f_code.co_filename).resolve()
-    try:
-        rel = path.relative_to(_ROOT)
-    except ValueError:
+    spec = tb.tb_frame.f_globals.get("__spec__")  # (`python -m pkg.mod` runs as __main__)
+    module = str(spec.name if spec is not None else tb.tb_frame.f_globals.get("__name__", ""))
+    if module.split(".")[0] not in _PACKAGES:
         return False
-    if rel.parts[0] not in _PACKAGES:
-        return False
-    return linecache.getline(str(path), tb.tb_lineno).lstrip().startswith("raise ")
+    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -57,7 +52,7 @@ def is_user_error(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.filename is not None:  # the environment: a named file missing/unreadable
         return True
     # modules outside this layer still raise plain ValueError/FileNotFoundError with a user-facing message
-    return type(e) in (ValueError, FileNotFoundError) and _raised_by_project(e)
+    return type(e) in (ValueError, FileNotFoundError, FileExistsError) and _raised_by_project(e)
 
 
 def message(e: BaseException) -> str:

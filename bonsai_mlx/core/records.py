@@ -34,10 +34,16 @@ def read_records(source: str | Path) -> list[dict]:
         if not isinstance(data, list):
             raise UserError(f"{p}: expected a JSON list of LLaVA records")
         return data
-    if p.is_dir() or "/" in str(source):
+    looks_local = p.suffix in (".json", ".jsonl") or p.is_absolute() or str(source).startswith(".")
+    if p.is_dir() or ("/" in str(source) and not looks_local):
         import datasets
 
-        ds = datasets.load_from_disk(str(p)) if p.is_dir() else datasets.load_dataset(str(source), split="train")
+        if p.is_dir():
+            return [dict(r) for r in datasets.load_from_disk(str(p))]
+        try:
+            ds = datasets.load_dataset(str(source), split="train")
+        except FileNotFoundError as e:  # (datasets' DatasetNotFoundError is one too)
+            raise InputNotFound(f"{source}: no such data file, datasets directory or hub dataset ({e})") from None
         return [dict(r) for r in ds]
     raise InputNotFound(f"{source}: no such data file")
 
