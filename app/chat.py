@@ -33,6 +33,9 @@ class Conversation:
     stats: list[str] = field(default_factory=list)  # one line per answer
 
     def clear(self) -> None:
+        """Start over; a running answer is asked to stop (it ends by itself and releases the model)."""
+        if self.session is not None:
+            self.session.stop_requested = True
         self.session, self.history, self.stats = None, [], []
 
 
@@ -55,9 +58,10 @@ def _ensure_session(conv: Conversation, registry, model_name: str, settings: Set
 
 
 def _stream(conv: Conversation, chunks) -> Iterator[list[dict]]:
-    conv.history.append({"role": "assistant", "content": ""})
+    answer = {"role": "assistant", "content": ""}  # (held here: Clear may replace conv.history meanwhile)
+    conv.history.append(answer)
     for chunk in chunks:
-        conv.history[-1]["content"] += chunk.text
+        answer["content"] += chunk.text
         if chunk.stats:
             s = chunk.stats
             conv.stats.append(
@@ -66,7 +70,7 @@ def _stream(conv: Conversation, chunks) -> Iterator[list[dict]]:
                 f"peak {s.peak_memory_gb:.2f} GB"
             )
             # shown under the answer itself (the session keeps the plain answer text)
-            conv.history[-1]["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
+            answer["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
         yield conv.history
 
 

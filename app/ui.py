@@ -83,12 +83,13 @@ def build(registry: Registry) -> gr.Blocks:
             registry.get(name)  # load now (frees the previous model; waits for an answer in another tab)
             return c, [], f"Loaded **{name}**."
 
-        sub = box.submit(on_submit, [conv, box, model_dd, *settings_in], [conv, chatbot, stats, box])
+        box.submit(on_submit, [conv, box, model_dd, *settings_in], [conv, chatbot, stats, box])
         # Stop only raises the session's flag: the answer ends by itself, so the model keeps the partial answer
         # the user saw (cancelling the stream would drop it on the model side).
         box.stop(on_stop, [conv], [box])
-        regen = regen_btn.click(on_regenerate, [conv, *settings_in], [conv, chatbot, stats])
-        clear_btn.click(on_clear, [conv], [conv, chatbot, stats], cancels=[sub, regen])
+        regen_btn.click(on_regenerate, [conv, *settings_in], [conv, chatbot, stats])
+        # no `cancels`: a cancelled stream may never be closed, and would hold the model lock; Clear stops it instead
+        clear_btn.click(on_clear, [conv], [conv, chatbot, stats])
         model_dd.change(on_model, [conv, model_dd], [conv, chatbot, stats])
     demo.queue(default_concurrency_limit=1)  # answers queue instead of interleaving on the shared model
     return demo

@@ -860,9 +860,10 @@ def _max_tokens(page, n: int) -> None:
 
 ROWS.append(
     Row(
-        "(#3) Stop pressed in the browser mid-answer, then Regenerate",
+        "(#3) Stop pressed in the browser mid-answer, then Regenerate; Clear mid-answer",
         "app (Gradio, Chromium)",
-        "the partial answer stays, on screen and in the model's history; Regenerate replaces it",
+        "the partial answer stays, on screen and in the model's history; Regenerate replaces it; after Clear the "
+        "next question is answered at once",
         None,
     )
 )
@@ -882,8 +883,18 @@ def test_stop_in_the_browser_keeps_the_partial_answer(server, browser):
     assert 0 < n < 2048, stats
     _max_tokens(page, 4)
     page.click("#regenerate")
-    _stats_change(page, stats)
+    stats = _stats_change(page, stats)
     assert "no answer to regenerate" not in page.inner_text("#chat")  # the model side had the stopped answer
+    # Clear in the middle of a long answer: the tab (and the model lock) is free again at once
+    _max_tokens(page, 2048)
+    _ask(page, "describe it again.")
+    page.wait_for_selector("#input .stop-button", timeout=60_000)
+    page.click("#clear")
+    _max_tokens(page, 4)
+    _ask(page, "how many shapes?")
+    _stats_change(page, stats)
+    page.wait_for_function("document.querySelector('#chat').innerText.includes('how many shapes?')", timeout=30_000)
+    assert "describe it again." not in page.inner_text("#chat")
 
 
 ROWS.append(
