@@ -16,6 +16,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, StreamingDetokenizer
 
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.processing import _MARK, Message, Processor
 from bonsai_mlx.model import Pico
 
@@ -150,7 +151,7 @@ class ChatSession:
             if self.messages and self.messages[-1]["role"] == "assistant":
                 self.messages.pop()
             if not self.messages:
-                raise ValueError("nothing to regenerate: the conversation is empty")
+                raise UserError("nothing to regenerate: the conversation is empty")
         self.messages += msgs
         self.images += images
         yield from self._respond(sampling or Sampling(), before)

@@ -570,6 +570,17 @@ def _(ctx: Ctx):
     assert any(not np.allclose(a[k], b[k]) for k in a)
 
 
+ROWS.append(
+    Row(
+        "(#6) data-parallel (mlx.launch, 2 processes) where only one process's micro-batch is all corrupt images",
+        "training",
+        "both processes join the gradient all_sum; the run finishes (tests/test_train.py::"
+        "test_data_parallel_under_mlx_launch)",
+        None,
+    )
+)
+
+
 @row(
     "(#7) --resume of the embedded default",
     "train --resume runs/shapes",
@@ -585,9 +596,7 @@ def _(ctx: Ctx):
     filled = TrainConfig(model=str(out / "init"), data=str(out / "data/train.json"), stage="full", out=str(out))
     from dataclasses import asdict
 
-    # what the trainer writes for the embedded default (runner marks it; see Trainer.run_info)
-    from bonsai_mlx.checkpoint import save_checkpoint  # noqa: F401  (the writer of this state)
-
+    # what the trainer writes for the embedded default (the runner sets Trainer.run_info, saved in state.json)
     state = {"step": 400, "total_steps": 2000, "config": asdict(filled), "embedded": True, "quick": True}
     (ck / "state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step-0000400\n")
