@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, StreamingDetokenizer
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    StreamingDetokenizer,
+    _byte_decoder,
+)
 
 from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.processing import _MARK, Message, Processor
@@ -57,10 +62,26 @@ class Sampling:
 
 
 class _ByteLevelDetokenizer(BPEStreamingDetokenizer):
-    """mlx-lm's O(1)-per-token byte-level BPE detokenizer, keeping a leading space as `tokenizer.decode` does."""
+    """mlx-lm's O(1)-per-token byte-level BPE detokenizer, made to give exactly `tokenizer.decode`'s text: a
+    leading space is kept, and the NUL byte (which mlx-lm's lookup takes for "not a byte") is decoded."""
 
     def _maybe_trim_space(self, current_text: str) -> str:
         return current_text
+
+    def _decode_bytes(self, seq: str) -> str:
+        table = _byte_decoder()
+        out = bytearray()
+        for c in seq:
+            b = table.get(c)
+            if b is None:
+                out.extend(c.encode("utf-8"))
+            else:
+                out.append(b)
+        return out.decode("utf-8", "replace")
+
+    def finalize(self) -> None:
+        self.text += self._decode_bytes(self._unflushed)
+        self._unflushed = ""
 
 
 _DETOK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -445,6 +445,20 @@ def _(ctx: Ctx):
     toks = [t for c in chunks for t in c.tokens]
     assert len(toks) == 64 and calls["n"] <= 2, calls
     assert "".join(c.text for c in chunks) == ctx.mp[1].decode(toks) == s.messages[-1]["content"]
+    # exact on any token sequence (every byte, partial UTF-8, NUL): streamed text == decode(tokens)
+    from bonsai_mlx.generate import detokenizer
+
+    proc = ctx.mp[1]
+    vocab = [t for t in range(len(proc.tokenizer)) if t not in proc.tokenizer.all_special_ids]
+    rng = np.random.RandomState(0)
+    for toks in [vocab, *([int(t) for t in rng.choice(vocab, 12)] for _ in range(200))]:
+        d = detokenizer(proc)
+        streamed = ""
+        for t in toks:
+            d.add_token(t)
+            streamed += d.last_segment
+        d.finalize()
+        assert streamed + d.last_segment == proc.decode(toks)
 
 
 @row("empty message; a message over the prompt limit", "app", "a friendly note in the chat; the tab keeps working")
