@@ -601,26 +601,38 @@ ROWS.append(
     "still the embedded default: periodic accuracy and the final held-out report",
 )
 def _(ctx: Ctx):
-    from bonsai_mlx.core.train_config import TrainConfig
-    from bonsai_mlx.train import parser, resolve_config
+    import shutil
 
-    out = ctx.tmp / "shapes"
-    ck = out / "checkpoints" / "step-0000400"
-    ck.mkdir(parents=True)
-    filled = TrainConfig(model=str(out / "init"), data=str(out / "data/train.json"), stage="full", out=str(out))
-    from dataclasses import asdict
-
-    # what the trainer writes for the embedded default (the runner sets Trainer.run_info, saved in state.json)
-    state = {"step": 400, "total_steps": 2000, "config": asdict(filled), "embedded": True, "quick": True}
-    (ck / "state.json").write_text(json.dumps(state))
-    (out / "checkpoints" / "latest").write_text("step-0000400\n")
-    args = parser().parse_args(["--resume", str(out)])
-    cfg = resolve_config(args)
-    assert cfg.model is None and cfg.data is None and cfg.stage == "full" and args.quick
     import bonsai_mlx.runner as runner
+    from bonsai_mlx.core.train_config import TrainConfig
+    from bonsai_mlx.embedded import DEFAULT
+    from bonsai_mlx.train import parser, resolve_config
+    from bonsai_mlx.trainer import Trainer
 
-    src = Path(runner.__file__).read_text()
-    assert 'run_info = {"embedded": True' in src  # the run records it in every checkpoint it writes
+    out = ctx.tmp / "shapes"  # the embedded default's layout, with a tiny model and data already in place
+    shutil.copytree(ctx.pico_dir, out / "init")
+    (out / "data" / "images").mkdir(parents=True)
+    recs = []
+    for i in range(4):
+        image(i).save(out / "data" / "images" / f"{i}.png")
+        recs.append({"id": f"s{i}", "image": f"{i}.png", "conversations": _conv("<image>\nWhat colour?", "red")})
+    for name in ("train.json", "eval.json"):
+        (out / "data" / name).write_text(json.dumps(recs))
+
+    def one_step(self, log=print):  # the real loop's first step and checkpoint, without 2000 steps
+        self.train_step([next(self.micro_batches(self.step))])
+        self.save_checkpoint()
+        return {}
+
+    ctx.monkeypatch.setattr(Trainer, "run", one_step)
+    cfg = TrainConfig(**{**DEFAULT, "batch_size": 2, "out": str(out)})
+    lines = runner.run(cfg)
+    assert any("held-out exact match" in line for line in lines)
+    args = parser().parse_args(["--resume", str(out)])
+    cfg = resolve_config(args)  # what `python -m bonsai_mlx.train --resume runs/shapes` runs
+    assert cfg.model is None and cfg.data is None and cfg.stage == "full" and cfg.batch_size == 2
+    lines = runner.run(cfg, resume=args.resume, quick=args.quick)
+    assert any("held-out exact match" in line for line in lines)  # the final report is still there
 
 
 @row(
