@@ -82,6 +82,8 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, tuple[mx.array, mx.a
         cfg = json.loads((d / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("r"), int):
+        raise UserError(f"{d / ADAPTER_CONFIG}: expected a PEFT LoRA config with an integer 'r'")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{d / ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, only LORA is supported")
     for key in ("use_dora", "lora_bias"):
