@@ -705,7 +705,9 @@ def _(ctx: Ctx):
 
 
 @row(
-    "a directory that is not a model; a missing one", "generate / train / app --model", "one line naming the directory"
+    "a directory that is not a model; a missing one",
+    "generate --model (train and app use the same loader)",
+    "one line naming the directory",
 )
 def _(ctx: Ctx):
     from bonsai_mlx.generate import main
