@@ -8,6 +8,7 @@ arithmetic runs on the CPU in that dtype, which is what reproduced the float16 N
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -16,6 +17,8 @@ import pytest
 from bonsai_mlx import device
 from bonsai_mlx.core.train_config import TrainConfig
 from bonsai_mlx.runner import default_dtype
+
+os.environ["MLX_ENABLE_TF32"] = "0"  # as in the parity tests: float32 means float32 on MLX CUDA too
 
 
 def _report_gpu(monkeypatch, kind: str = "cuda") -> None:
@@ -176,3 +179,11 @@ def test_pixels_enter_the_vision_tower_in_its_own_dtype(pico_dir):
     pv = mx.array(np.random.default_rng(0).normal(size=(1, 3, s, s)).astype(np.float32))
     assert model.vision_tower.hidden_states(pv, [-1])[0].dtype == mx.bfloat16
     assert model.image_features(pv).dtype == mx.bfloat16
+
+
+def test_float32_matmuls_are_float32_on_this_backend():
+    """What the parity tests' <= 1e-4 rests on: on MLX CUDA with TF32 (its default) this is ~1e-3 off."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 512)), rng.normal(size=(512, 64))
+    got = np.array(mx.array(a.astype(np.float32)) @ mx.array(b.astype(np.float32)), np.float64)
+    assert np.abs(got - a @ b).max() / np.abs(a @ b).max() < 1e-5
