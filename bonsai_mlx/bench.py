@@ -89,6 +89,7 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from bonsai_mlx import device
     from bonsai_mlx.generate import Sampling, generate, load
 
     model, proc = load(model_dir)
@@ -103,7 +104,28 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
         "peak_gb": peak_rss_gb(),
         "mlx_peak_gb": mx.get_peak_memory() / 1e9,
         "lm_bytes": lm_bytes,
+        "device": device.backend(),
     }
+
+
+def reference_device() -> str:
+    """Where the transformers reference runs: on the GPU MLX uses when there is one (CUDA, else MPS on a
+    Mac), else on the CPU, so the comparison is like with like."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def _sync(dev: str) -> None:
+    import torch
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    elif dev == "mps":
+        torch.mps.synchronize()
 
 
 def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
@@ -113,22 +135,24 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
     from bonsai_mlx.core.config import PicoConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dev = reference_device()
     cfg = PicoConfig.load(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(dev)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ip = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
     text = tok.apply_chat_template(
         [{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False, add_generation_prompt=True
     ).replace("<image>", "<image>" * cfg.num_image_tokens)
-    ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=dev)
 
     def run(n):
         t = time.perf_counter()
-        pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(model.dtype)
+        pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(dev, model.dtype)
         with torch.no_grad():
             model.generate(
                 input_ids=ids, pixel_values=pv, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
             )
+        _sync(dev)
         return time.perf_counter() - t
 
     run(2)
@@ -142,6 +166,7 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
         "prompt_tokens": ids.shape[1],
         "peak_gb": peak_rss_gb(),
         "lm_bytes": lm_bytes,
+        "device": dev,
     }
 
 
@@ -185,7 +210,7 @@ def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
 
 
 def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
-    ref = dict(rows).get("transformers fp32", {})
+    ref = next((r for name, r in rows if name.startswith("transformers fp32")), {})
     head = (
         "| engine / variant | TTFT s | decode tok/s | peak RSS GB | decode % of bandwidth bound "
         "| TTFT vs transformers fp32 | decode vs transformers fp32 |"
@@ -199,6 +224,7 @@ def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
         share = f"{100 * r['decode_tps'] / bound:.0f}% of {bound:.0f}" if bound else "-"
         tt = f"{ref['ttft_s'] / r['ttft_s']:.2f}x faster" if ref.get("ttft_s") else "-"
         dd = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref.get("decode_tps") else "-"
+        name = f"{name} ({r['device']})" if r.get("device") else name
         lines.append(
             f"| {name} | {r['ttft_s']:.2f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} | {share} | {tt} | {dd} |"
         )
