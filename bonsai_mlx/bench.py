@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROMPT = (
@@ -106,6 +107,68 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
         "lm_bytes": lm_bytes,
         "device": device.backend(),
     }
+
+
+def _graph_nodes(y) -> int:
+    """Primitives in the unevaluated graph of `y` (MLX's own DOT export): the kernels one step launches,
+    up to the fusions a GPU backend makes (on the CPU backend rms_norm/rope/sdpa are several primitives)."""
+    import tempfile
+
+    import mlx.core as mx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.dot"
+        mx.export_to_dot(str(path), y)
+        return sum(1 for line in path.read_text().splitlines() if "shape=rectangle" in line)
+
+
+def _compile_post_attention(layer) -> Callable:
+    """The layer with its cache-free half (residual, norm, MLP, residual) under mx.compile; the attention
+    half updates the KV cache at a Python-int offset, which mx.compile would retrace at every token."""
+    import mlx.core as mx
+
+    post = mx.compile(lambda x, r: (x + r) + layer.mlp(layer.post_attention_layernorm(x + r)))
+    return lambda x, c: post(x, layer.self_attn(layer.input_layernorm(x), None, c))
+
+
+def work_profile(model_dir: str, tokens: int) -> dict:
+    """Decode-step profile over `tokens` forced tokens after a 64-token prefill: graph nodes per token,
+    Python time building the step's graph, time evaluating it, without and with mx.compile."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from bonsai_mlx import device
+    from bonsai_mlx.generate import load
+
+    model, _ = load(model_dir)
+    layers, norm = model.language_model.model.layers, model.language_model.model.norm
+    out = {"device": device.backend()}
+    for compiled in (False, True):
+        steps = (
+            [_compile_post_attention(L) for L in layers]
+            if compiled
+            else [lambda x, c, L=L: L(x, None, c) for L in layers]
+        )
+        cache = make_prompt_cache(model.language_model)
+        h, _ = model.run_layers(model.embed(mx.array([[1] * 64])), cache)
+        y = mx.argmax(model.lm_head(h[:, -1]), -1).reshape(1, 1)
+        mx.eval(y)
+        build = run = 0.0
+        for i in range(tokens):
+            t0 = time.perf_counter()
+            x = model.embed(y)
+            for step, c in zip(steps, cache, strict=True):
+                x = step(x, c)
+            y = mx.argmax(model.lm_head(norm(x)[:, -1]), -1).reshape(1, 1)
+            t1 = time.perf_counter()
+            if i == 1:
+                out["nodes_compiled" if compiled else "nodes"] = _graph_nodes(y)
+            mx.eval(y)
+            if i >= 2:  # the first steps warm up (and compile)
+                build, run = build + t1 - t0, run + time.perf_counter() - t1
+        key = "compiled_" if compiled else ""
+        out[key + "build_ms"], out[key + "eval_ms"] = 1e3 * build / (tokens - 2), 1e3 * run / (tokens - 2)
+    return out
 
 
 def reference_device() -> str:
@@ -231,6 +294,23 @@ def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "| variant (device) | graph nodes/token | Python build ms/token | eval ms/token | ms/token "
+        "| compiled: nodes | compiled: build ms | compiled: eval ms | compiled: ms/token |",
+        "|" + "---|" * 9,
+    ]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} ||||||||")
+            continue
+        cells = [r["nodes"], f"{r['build_ms']:.2f}", f"{r['eval_ms']:.1f}", f"{r['build_ms'] + r['eval_ms']:.1f}"]
+        cells += [r["nodes_compiled"], f"{r['compiled_build_ms']:.2f}", f"{r['compiled_eval_ms']:.1f}"]
+        cells += [f"{r['compiled_build_ms'] + r['compiled_eval_ms']:.1f}"]
+        lines.append(f"| {name} ({r['device']}) | " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bonsai_mlx.bench", description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -247,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run this engine on the same float weights, in the same run",
     )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
+    ap.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="per variant: graph nodes per token, Python build vs evaluation ms/token, with and without mx.compile",
+    )
     ap.add_argument("--bandwidth-gbs", type=float, default=32.0, help="memory read bandwidth for the bound column")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
@@ -259,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "mlx": lambda: work_mlx(a.model, a.tokens),
             "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
             "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens),
+            "profile": lambda: work_profile(a.model, a.tokens),
         }[a.worker]
         print(json.dumps(fn()))
         return 0
@@ -272,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             print(f"bonsai_mlx {v} ...", file=sys.stderr)
             rows.append((f"bonsai_mlx {v}", spawn("mlx", variant_dir(base, v), a.tokens)))
+        if a.profile_decode:
+            print(profile_table([(v, spawn("profile", variant_dir(base, v), a.tokens)) for v in variants]))
+            return 0
         if "transformers" in a.compare:
             for dt in ("float32", "bfloat16"):
                 print(f"transformers {dt} ...", file=sys.stderr)

@@ -64,3 +64,12 @@ def test_bench_train_rows_for_both_trainers_on_the_cpu(pico_dir):
     assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0.05 for r in rows)
     out = table(rows)
     assert "| bonsai_mlx (cpu) | 1 | off |" in out and "| train_cuda (cpu) | 1 | off |" in out
+
+
+def test_decode_profile_counts_the_step_and_the_compiled_step_fuses(pico_dir):
+    from bonsai_mlx.bench import profile_table, work_profile
+
+    r = work_profile(str(pico_dir), 6)
+    assert r["device"] == "cpu" and 0 < r["nodes_compiled"] < r["nodes"]
+    assert all(r[k] > 0 for k in ("build_ms", "eval_ms", "compiled_build_ms", "compiled_eval_ms"))
+    assert profile_table([("float", r)]).splitlines()[-1].startswith(f"| float (cpu) | {r['nodes']} |")
