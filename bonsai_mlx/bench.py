@@ -355,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         base = random_pico() if a.random else Path(a.model)
         rows = []
         variants = a.variants.split(",") if a.random else ["float"]
+        if a.profile_decode:
+            print(f"\ndecode step after a 64-token prefill, {a.tokens} forced tokens (2 warm-up)\n")
+            print(profile_table([(v, spawn("profile", variant_dir(base, v), a.tokens)) for v in variants]))
+            return 0
         for v in variants:
             print(f"bonsai_mlx {v} ...", file=sys.stderr)
             rows.append((f"bonsai_mlx {v}", spawn("mlx", variant_dir(base, v), a.tokens)))
-        if a.profile_decode:
-            print(profile_table([(v, spawn("profile", variant_dir(base, v), a.tokens)) for v in variants]))
-            return 0
         if "transformers" in a.compare:
             for dt in ("float32", "bfloat16"):
                 print(f"transformers {dt} ...", file=sys.stderr)
