@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def default_dtype(cfg: TrainConfig) -> mx.Dtype:
     bfloat16 keeps float32's exponent range. MLX has bfloat16 kernels on both GPU backends (native on
     Apple M2+ and NVIDIA sm_80+, emulated but correct on M1).
     """
+    if cfg.dtype == "float16":
+        print("note: --dtype float16 can overflow the residual stream (max 65504); bfloat16 cannot", file=sys.stderr)
     if cfg.dtype:
         return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[cfg.dtype]
     from bonsai_mlx import device
