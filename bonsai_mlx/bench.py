@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROMPT = (
@@ -89,6 +90,7 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from bonsai_mlx import device
     from bonsai_mlx.generate import Sampling, generate, load
 
     model, proc = load(model_dir)
@@ -103,7 +105,90 @@ def work_mlx(model_dir: str, tokens: int) -> dict:
         "peak_gb": peak_rss_gb(),
         "mlx_peak_gb": mx.get_peak_memory() / 1e9,
         "lm_bytes": lm_bytes,
+        "device": device.backend(),
     }
+
+
+def _graph_nodes(y) -> int:
+    """Primitives in the unevaluated graph of `y` (MLX's own DOT export): the kernels one step launches,
+    up to the fusions a GPU backend makes (on the CPU backend rms_norm/rope/sdpa are several primitives)."""
+    import tempfile
+
+    import mlx.core as mx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "g.dot"
+        mx.export_to_dot(str(path), y)
+        return sum(1 for line in path.read_text().splitlines() if "shape=rectangle" in line)
+
+
+def _compile_post_attention(layer) -> Callable:
+    """The layer with its cache-free half (residual, norm, MLP, residual) under mx.compile; the attention
+    half updates the KV cache at a Python-int offset, which mx.compile would retrace at every token."""
+    import mlx.core as mx
+
+    post = mx.compile(lambda x, r: (x + r) + layer.mlp(layer.post_attention_layernorm(x + r)))
+    return lambda x, c: post(x, layer.self_attn(layer.input_layernorm(x), None, c))
+
+
+def work_profile(model_dir: str, tokens: int) -> dict:
+    """Decode-step profile over `tokens` forced tokens after a 64-token prefill: graph nodes per token,
+    Python time building the step's graph, time evaluating it, without and with mx.compile."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from bonsai_mlx import device
+    from bonsai_mlx.generate import load
+
+    model, _ = load(model_dir)
+    layers, norm = model.language_model.model.layers, model.language_model.model.norm
+    out = {"device": device.backend()}
+    for compiled in (False, True):
+        steps = (
+            [_compile_post_attention(L) for L in layers]
+            if compiled
+            else [lambda x, c, L=L: L(x, None, c) for L in layers]
+        )
+        cache = make_prompt_cache(model.language_model)
+        h, _ = model.run_layers(model.embed(mx.array([[1] * 64])), cache)
+        y = mx.argmax(model.lm_head(h[:, -1]), -1).reshape(1, 1)
+        mx.eval(y)
+        build = run = 0.0
+        for i in range(tokens):
+            t0 = time.perf_counter()
+            x = model.embed(y)
+            for step, c in zip(steps, cache, strict=True):
+                x = step(x, c)
+            y = mx.argmax(model.lm_head(norm(x)[:, -1]), -1).reshape(1, 1)
+            t1 = time.perf_counter()
+            if i == 1:
+                out["nodes_compiled" if compiled else "nodes"] = _graph_nodes(y)
+            mx.eval(y)
+            if i >= 2:  # the first steps warm up (and compile)
+                build, run = build + t1 - t0, run + time.perf_counter() - t1
+        key = "compiled_" if compiled else ""
+        out[key + "build_ms"], out[key + "eval_ms"] = 1e3 * build / (tokens - 2), 1e3 * run / (tokens - 2)
+    return out
+
+
+def reference_device() -> str:
+    """Where the transformers reference runs: on the GPU MLX uses when there is one (CUDA, else MPS on a
+    Mac), else on the CPU, so the comparison is like with like."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def _sync(dev: str) -> None:
+    import torch
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    elif dev == "mps":
+        torch.mps.synchronize()
 
 
 def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
@@ -113,22 +198,24 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
     from bonsai_mlx.core.config import PicoConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dev = reference_device()
     cfg = PicoConfig.load(model_dir)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(dev)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ip = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
     text = tok.apply_chat_template(
         [{"role": "user", "content": "<image>\n" + PROMPT}], tokenize=False, add_generation_prompt=True
     ).replace("<image>", "<image>" * cfg.num_image_tokens)
-    ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)], device=dev)
 
     def run(n):
         t = time.perf_counter()
-        pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(model.dtype)
+        pv = torch.tensor(ip([bench_image()], return_tensors="np")["pixel_values"]).to(dev, model.dtype)
         with torch.no_grad():
             model.generate(
                 input_ids=ids, pixel_values=pv, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
             )
+        _sync(dev)
         return time.perf_counter() - t
 
     run(2)
@@ -142,6 +229,7 @@ def work_transformers(model_dir: str, tokens: int, dtype: str) -> dict:
         "prompt_tokens": ids.shape[1],
         "peak_gb": peak_rss_gb(),
         "lm_bytes": lm_bytes,
+        "device": dev,
     }
 
 
@@ -185,7 +273,7 @@ def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
 
 
 def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
-    ref = dict(rows).get("transformers fp32", {})
+    ref = next((r for name, r in rows if name.startswith("transformers fp32")), {})
     head = (
         "| engine / variant | TTFT s | decode tok/s | peak RSS GB | decode % of bandwidth bound "
         "| TTFT vs transformers fp32 | decode vs transformers fp32 |"
@@ -199,9 +287,27 @@ def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
         share = f"{100 * r['decode_tps'] / bound:.0f}% of {bound:.0f}" if bound else "-"
         tt = f"{ref['ttft_s'] / r['ttft_s']:.2f}x faster" if ref.get("ttft_s") else "-"
         dd = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref.get("decode_tps") else "-"
+        name = f"{name} ({r['device']})" if r.get("device") else name
         lines.append(
             f"| {name} | {r['ttft_s']:.2f} | {r['decode_tps']:.1f} | {r['peak_gb']:.2f} | {share} | {tt} | {dd} |"
         )
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "| variant (device) | graph nodes/token | Python build ms/token | eval ms/token | ms/token "
+        "| compiled: nodes | compiled: build ms | compiled: eval ms | compiled: ms/token |",
+        "|" + "---|" * 9,
+    ]
+    for name, r in rows:
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} ||||||||")
+            continue
+        cells = [r["nodes"], f"{r['build_ms']:.2f}", f"{r['eval_ms']:.1f}", f"{r['build_ms'] + r['eval_ms']:.1f}"]
+        cells += [r["nodes_compiled"], f"{r['compiled_build_ms']:.2f}", f"{r['compiled_eval_ms']:.1f}"]
+        cells += [f"{r['compiled_build_ms'] + r['compiled_eval_ms']:.1f}"]
+        lines.append(f"| {name} ({r['device']}) | " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also run this engine on the same float weights, in the same run",
     )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
+    ap.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="per variant: graph nodes per token, Python build vs evaluation ms/token, with and without mx.compile",
+    )
     ap.add_argument("--bandwidth-gbs", type=float, default=32.0, help="memory read bandwidth for the bound column")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
@@ -233,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "mlx": lambda: work_mlx(a.model, a.tokens),
             "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
             "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens),
+            "profile": lambda: work_profile(a.model, a.tokens),
         }[a.worker]
         print(json.dumps(fn()))
         return 0
@@ -243,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         base = random_pico() if a.random else Path(a.model)
         rows = []
         variants = a.variants.split(",") if a.random else ["float"]
+        if a.profile_decode:
+            print(f"\ndecode step after a 64-token prefill, {a.tokens} forced tokens (2 warm-up)\n")
+            print(profile_table([(v, spawn("profile", variant_dir(base, v), a.tokens)) for v in variants]))
+            return 0
         for v in variants:
             print(f"bonsai_mlx {v} ...", file=sys.stderr)
             rows.append((f"bonsai_mlx {v}", spawn("mlx", variant_dir(base, v), a.tokens)))

@@ -1,24 +1,30 @@
 """python -m bonsai_mlx.bench_train: QLoRA instruct-training speed and memory of the full-size Pico.
 
-Random weights (the `bench --random pico` checkpoint), synthetic 512-token samples with one 224px
-image, LoRA r=16 on all LM projections over a 4-bit frozen LM. Each configuration runs in its own
-subprocess so its peak memory is its own.
+Random weights (the `bench --random pico` checkpoint, or --model), synthetic 512-token samples with one
+224px image, LoRA r=16 on all LM projections over a 4-bit frozen LM. Each configuration runs in its own
+subprocess so its peak memory is its own. Where PyTorch sees CUDA, `train_cuda.sft` (NF4 QLoRA) runs the
+same configurations on the same GPU, beside the MLX trainer, so the two trainers compare like with like.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+import numpy as np
 
 
-def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
+def work(batch: int, tokens: int, ckpt: bool, steps: int, model_dir: str | None = None) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from bonsai_mlx import loading
+    from bonsai_mlx import device, loading
     from bonsai_mlx.bench import bench_image, peak_rss_gb, random_pico
     from bonsai_mlx.core.batching import collate
     from bonsai_mlx.core.processing import Processor
@@ -27,10 +33,10 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     from bonsai_mlx.quantize import quantize_base
     from bonsai_mlx.trainer import Trainer, setup_trainable
 
-    d = random_pico()
+    d = Path(model_dir) if model_dir else random_pico()
     model, cfg = loading.load(d)
     proc = Processor(d, cfg)
-    quantize_base(model, 4)
+    quantize_base(model, 4, group_size=64 if cfg.text.hidden_size % 64 == 0 else 32)
     tc = TrainConfig(stage="instruct", batch_size=batch, grad_checkpoint=ckpt, max_steps=steps + 1, lora_dropout=0.0)
     mx.random.seed(0)
     setup_trainable(model, tc)
@@ -39,7 +45,7 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     text = tokens - n_img
     ex = []
     for i in range(batch):
-        ids = [proc.image_token_id] * n_img + rng.integers(0, 150000, text).tolist()
+        ids = [proc.image_token_id] * n_img + rng.integers(0, min(150000, cfg.text.vocab_size - 1), text).tolist()
         labels = [-100] * (n_img + text // 2) + ids[n_img + text // 2 :]  # supervise the second half
         ex.append(Example(f"b{i}", ids, labels, None, 1))
     img = bench_image()
@@ -55,6 +61,8 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
         tr.train_step([batch_])
     dt = (time.perf_counter() - t) / steps
     return {
+        "engine": "bonsai_mlx",
+        "device": device.backend(),
         "batch": batch,
         "tokens": tokens,
         "grad_checkpoint": ckpt,
@@ -65,56 +73,161 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int) -> dict:
     }
 
 
+def cuda_present() -> bool:
+    """Whether PyTorch sees a CUDA GPU (asked in a subprocess: this process stays free of torch)."""
+    code = "import torch; print(torch.cuda.is_available())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout.strip().endswith("True")
+
+
+def write_samples(root: Path, model_dir: Path, batch: int, tokens: int) -> tuple[Path, int]:
+    """`batch` LLaVA records of one 224px image and a random answer long enough to fill `tokens` once
+    the processor has expanded <image>; returns (records path, the --max-length that cuts them to `tokens`)."""
+    import numpy as np
+
+    from bonsai_mlx.bench import bench_image
+    from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.processing import Processor
+
+    cfg = PicoConfig.load(model_dir)
+    tok = Processor(model_dir, cfg).tokenizer
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    bench_image().save(root / "img" / "bench.png")
+    recs = []
+    for i in range(batch):
+        answer = tok.decode(rng.integers(0, min(150000, cfg.text.vocab_size - 1), tokens).tolist())
+        recs.append(
+            {
+                "id": f"b{i}",
+                "image": "bench.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the image."},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    path = root / "samples.json"
+    path.write_text(json.dumps(recs))
+    return path, tokens
+
+
+def train_cuda_command(model_dir: Path, data: Path, out: Path, batch: int, max_length: int, ckpt: bool, steps: int):
+    """The train_cuda.sft run matching one MLX configuration (LoRA r=16 on all LM projections, 4-bit LM)."""
+    cmd = [sys.executable, "-m", "train_cuda.sft", "--student", str(model_dir), "--data", str(data)]
+    cmd += ["--image-root", str(data.parent / "img"), "--out", str(out), "--batch-size", str(batch)]
+    cmd += ["--max-steps", str(steps + 1), "--max-length", str(max_length), "--log-every", "1"]
+    cmd += ["--lora-rank", "16", "--lora-dropout", "0", "--warmup", "1"]
+    return cmd + ([] if ckpt else ["--no-grad-checkpoint"])
+
+
+def step_seconds(metrics: list[dict], batch_tokens: list[int]) -> float:
+    """Steady-state seconds per step from train_cuda's cumulative tokens/s rows (the first step is warm-up)."""
+    toks = np.cumsum(batch_tokens[: len(metrics)])
+    t = [n / r["tokens_per_s"] for n, r in zip(toks, metrics, strict=True)]
+    return (t[-1] - t[0]) / (len(t) - 1)
+
+
+def work_train_cuda(batch: int, tokens: int, ckpt: bool, steps: int, model_dir: str | None = None) -> dict:
+    """One train_cuda.sft configuration; its peak RSS is that of the child (this wrapper holds no torch)."""
+    from bonsai_mlx.bench import random_pico
+
+    d = Path(model_dir) if model_dir else random_pico()
+    with tempfile.TemporaryDirectory() as tmp:
+        data, max_length = write_samples(Path(tmp), d, batch, tokens)
+        r = subprocess.run(
+            train_cuda_command(d, data, Path(tmp) / "run", batch, max_length, ckpt, steps),
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode:
+            raise RuntimeError((r.stderr.strip().splitlines() or ["train_cuda.sft failed"])[-1])
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    dt = step_seconds(rows, [batch * tokens] * len(rows))
+    return {
+        "engine": "train_cuda",
+        "device": "cuda" if cuda_present() else "cpu",
+        "batch": batch,
+        "tokens": tokens,
+        "grad_checkpoint": ckpt,
+        "step_s": dt,
+        "tokens_per_s": batch * tokens / dt,
+        "mlx_peak_gb": None,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def engines(choice: str) -> list[str]:
+    """auto: the MLX trainer, plus train_cuda on the same GPU where PyTorch sees CUDA."""
+    if choice != "auto":
+        names = [e for e in choice.split(",") if e]
+        bad = [e for e in names if e not in ("mlx", "train_cuda")]
+        if bad or not names:
+            raise ValueError(f"--engines: expected auto or a list of mlx, train_cuda, got {choice!r}")
+        return names
+    return ["mlx", "train_cuda"] if cuda_present() else ["mlx"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bonsai_mlx.bench_train", description=__doc__)
     ap.add_argument("--batch-sizes", default="1,4")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--model", help="a Pico directory (default: the full-size random Pico)")
+    ap.add_argument(
+        "--engines", default="auto", help="auto (MLX, plus train_cuda where CUDA is present) or mlx,train_cuda"
+    )
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         import bonsai_mlx  # noqa: F401
 
-        b, t, c = a.worker
-        print(json.dumps(work(int(b), int(t), c == "1", a.steps)))
+        e, b, t, c = a.worker
+        fn = work if e == "mlx" else work_train_cuda
+        print(json.dumps(fn(int(b), int(t), c == "1", a.steps, a.model)))
         return 0
     from bonsai_mlx.bench import random_pico
+    from bonsai_mlx.core.errors import friendly
 
-    random_pico()
-    rows = []
-    for b in (int(x) for x in a.batch_sizes.split(",")):
-        for c in (False, True):
-            print(f"batch {b}, grad checkpointing {'on' if c else 'off'} ...", file=sys.stderr)
-            r = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bonsai_mlx.bench_train",
-                    "--steps",
-                    str(a.steps),
-                    "--worker",
-                    str(b),
-                    str(a.tokens),
-                    "1" if c else "0",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode:
-                rows.append({"batch": b, "grad_checkpoint": c, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
-            else:
-                rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"\nQLoRA (4-bit LM, LoRA r=16 on all LM projections), {a.tokens} tokens per sample, one 224px image each\n")
-    print("| batch | grad ckpt | s/step | tokens/s | MLX peak GB | peak RSS GB |\n|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['batch']} | {'on' if r['grad_checkpoint'] else 'off'} | error: {r['error']} | | | |")
-        else:
-            print(
-                f"| {r['batch']} | {'on' if r['grad_checkpoint'] else 'off'} | {r['step_s']:.1f} | "
-                f"{r['tokens_per_s']:.0f} | {r['mlx_peak_gb']:.2f} | {r['peak_rss_gb']:.2f} |"
-            )
+    with friendly("bench_train"):
+        names = engines(a.engines)
+        if not a.model:
+            random_pico()
+        rows = []
+        for b in (int(x) for x in a.batch_sizes.split(",")):
+            for c in (False, True):
+                for e in names:
+                    print(f"{e}: batch {b}, grad checkpointing {'on' if c else 'off'} ...", file=sys.stderr)
+                    cmd = [sys.executable, "-m", "bonsai_mlx.bench_train", "--steps", str(a.steps)]
+                    cmd += ["--model", a.model] if a.model else []
+                    r = subprocess.run(
+                        [*cmd, "--worker", e, str(b), str(a.tokens), "1" if c else "0"], capture_output=True, text=True
+                    )
+                    if r.returncode:
+                        err = (r.stderr.strip().splitlines() or ["?"])[-1]
+                        rows.append({"engine": e, "batch": b, "grad_checkpoint": c, "error": err})
+                    else:
+                        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(
+            f"\nQLoRA (4-bit LM, LoRA r=16 on all LM projections), {a.tokens} tokens per sample, one 224px image each\n"
+        )
+        print(table(rows))
     return 0
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| engine (device) | batch | grad ckpt | s/step | tokens/s | MLX peak GB | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['engine']} ({r.get('device', '?')}) | {r['batch']} | {'on' if r['grad_checkpoint'] else 'off'} |"
+        if "error" in r:
+            lines.append(f"{head} error: {r['error']} | | | |")
+            continue
+        mlx_peak = f"{r['mlx_peak_gb']:.2f}" if r.get("mlx_peak_gb") is not None else "-"
+        lines.append(f"{head} {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {mlx_peak} | {r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from bonsai_mlx.model import Pico
 def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chunk: int = 1024) -> mx.array:
     """Summed cross-entropy, computing the LM head only at supervised positions, in chunks."""
     hs = h.reshape(-1, h.shape[-1])[positions]
+    # a quantized head is dequantized once per loss (CPU), or run as the fused quantized matmul (GPUs)
+    w = model.head_dequantized(min(chunk, hs.shape[0]))
     total = mx.array(0.0)
     for i in range(0, hs.shape[0], chunk):
-        logits = model.lm_head(hs[i : i + chunk]).astype(mx.float32)
+        logits = model.lm_head(hs[i : i + chunk], w).astype(mx.float32)
         t = targets[i : i + chunk]
         total = total + (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
     return total

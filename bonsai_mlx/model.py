@@ -8,8 +8,9 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 
+from bonsai_mlx import device, quantize
 from bonsai_mlx.core.config import PicoConfig
-from bonsai_mlx.quantize import DEQUANT_ROWS, dequantized
+from bonsai_mlx.quantize import DEQUANT_ROWS
 from bonsai_mlx.vision import VisionTower
 
 ACT = {"gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
@@ -98,12 +99,13 @@ class Pico(nn.Module):
         cache = cache if cache is not None else [None] * n
         mask = create_attention_mask(h, cache[0])  # "causal" (or None for one token): never bidirectional
         kept = {0: h} if 0 in keep_set else {}
+        cpu_prefill = device.is_cpu()  # only the CPU backend dequantizes whole matrices for a prefill
         for i, (layer, c) in enumerate(zip(lm.layers, cache, strict=True), start=1):
             if checkpoint:
                 h = nn.utils.checkpoint(layer, lambda x, layer=layer: layer(x, mask, None))(h)
             else:
                 h = layer(h, mask, c)
-                if c is not None and h.shape[1] > DEQUANT_ROWS:
+                if c is not None and h.shape[1] > DEQUANT_ROWS and cpu_prefill:
                     mx.eval(h)  # prefill layer by layer: dequantized weights never pile up in one graph
             if i in keep_set and i != n:
                 kept[i] = h
@@ -112,17 +114,27 @@ class Pico(nn.Module):
             kept[n] = h
         return h, {k: kept[k % (n + 1)] for k in keep}
 
-    def lm_head(self, h: mx.array) -> mx.array:
+    def head_dequantized(self, rows: int) -> mx.array | None:
+        """The float LM-head matrix, where a quantized head over `rows` rows is best done as one GEMM.
+
+        Only on the CPU backend (where a many-row quantized matmul is ~40x slower than dequantize + BLAS)
+        and only above DEQUANT_ROWS rows; Metal and CUDA keep the fused quantized matmul (None). Callers
+        that run the head in chunks (ce_at) ask once and reuse it, so the 151,936 x 896 matrix is built
+        once per loss, not once per chunk.
+        """
         lm = self.language_model
-        if not lm.args.tie_word_embeddings:
-            head = lm.lm_head
-            if isinstance(head, nn.QuantizedLinear) and h.size // h.shape[-1] > DEQUANT_ROWS:
-                return h @ dequantized(head).T
-            return head(h)
-        emb = self.embed_tokens
-        if isinstance(emb, nn.QuantizedEmbedding) and h.size // h.shape[-1] > DEQUANT_ROWS:
-            return h @ dequantized(emb).T
-        return emb.as_linear(h)
+        head = self.embed_tokens if lm.args.tie_word_embeddings else lm.lm_head
+        if not isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)) or rows <= DEQUANT_ROWS:
+            return None
+        return quantize.dequantized(head) if device.is_cpu() else None
+
+    def lm_head(self, h: mx.array, dequantized: mx.array | None = None) -> mx.array:
+        """Logits. `dequantized`: a matrix from head_dequantized() to reuse instead of building it again."""
+        lm = self.language_model
+        w = dequantized if dequantized is not None else self.head_dequantized(h.size // h.shape[-1])
+        if w is not None:
+            return h @ w.astype(h.dtype).T
+        return self.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
 
     def __call__(
         self, input_ids: mx.array, pixel_values: mx.array | None = None, cache: list | None = None

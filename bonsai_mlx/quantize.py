@@ -8,6 +8,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from bonsai_mlx import device
+
 DEQUANT_ROWS = 8  # above this many rows, dequantize + GEMM beats quantized_matmul on the CPU
 
 
@@ -75,7 +77,7 @@ class HybridQuantizedLinear(nn.QuantizedLinear):
 def quantize_modules(model: nn.Module, group_size: int, bits: int, predicate: Callable[[str, nn.Module], bool]) -> None:
     """nn.quantize, then (on the CPU backend) the hybrid prefill/decode path for the linears."""
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    if mx.default_device() == mx.cpu:
+    if device.is_cpu():
         for _, m in model.named_modules():
             if type(m) is nn.QuantizedLinear:
                 m.__class__ = HybridQuantizedLinear

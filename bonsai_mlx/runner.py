@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,10 +19,22 @@ from bonsai_mlx.embedded import DEFAULT_DATA, accuracy, make_default_model
 from bonsai_mlx.trainer import Trainer, seed_everything, setup_trainable
 
 
-def default_dtype(cfg: TrainConfig):
+def default_dtype(cfg: TrainConfig) -> mx.Dtype:
+    """The frozen weights' and activations' dtype (trainables stay float32): `--dtype`, else per backend.
+
+    CPU: float32 (half precision is emulated there, 20-100x slower). Metal and CUDA: bfloat16, not float16.
+    Qwen2's residual stream leaves float16's range (max 65504) once LoRA and the projector move fast: at
+    lr 3e-2 with --kl it reached 5.9e4 after one layer and inf after two (tests/test_precision.py), where
+    bfloat16 keeps float32's exponent range. MLX has bfloat16 kernels on both GPU backends (native on
+    Apple M2+ and NVIDIA sm_80+, emulated but correct on M1).
+    """
+    if cfg.dtype == "float16":
+        print("note: --dtype float16 can overflow the residual stream (max 65504); bfloat16 cannot", file=sys.stderr)
     if cfg.dtype:
         return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[cfg.dtype]
-    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    from bonsai_mlx import device
+
+    return mx.float32 if device.is_cpu() else mx.bfloat16
 
 
 def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> list[str]:

@@ -128,7 +128,9 @@ class VisionTower(nn.Module):
         """
         n = len(self.vision_model.encoder.layers)
         want = sorted({i % (n + 1) for i in layers})
-        x = self.vision_model.embeddings(pixel_values.transpose(0, 2, 3, 1))
+        # the tower's own dtype: float32 pixels would promote a half-precision tower to float32 throughout
+        pixels = pixel_values.astype(self.vision_model.embeddings.patch_embedding.weight.dtype)
+        x = self.vision_model.embeddings(pixels.transpose(0, 2, 3, 1))
         out = {0: x}
         for i, layer in enumerate(self.vision_model.encoder.layers[: want[-1]], start=1):
             x = layer(x)

@@ -1,3 +1,5 @@
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -6,6 +8,10 @@ from helpers import hf_logits, image, make_hf_pico
 from bonsai_mlx import loading
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.processing import Processor
+
+# Exactness checks compare float32 with float32: MLX's CUDA backend would do float32 matmuls in TF32 (~1e-3
+# relative) unless told not to. MLX reads this once per process, at its first matmul, after collection.
+os.environ["MLX_ENABLE_TF32"] = "0"
 
 CONFIGS = {
     "tied-last-32px": dict(tied=True, feature_layer=-1, image_size=32, patch_size=8),

@@ -1,6 +1,7 @@
 """train_cuda.sft / distill on the CPU (float32, no NF4/FA2), and their outputs read by bonsai_mlx."""
 
 import json
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -9,6 +10,10 @@ from helpers import make_teacher, write_describe_data
 
 from bonsai_mlx import loading
 from convert.__main__ import main as convert
+
+# Exactness checks compare float32 with float32: MLX's CUDA backend would do float32 matmuls in TF32 (~1e-3
+# relative) unless told not to. MLX reads this once per process, at its first matmul, after collection.
+os.environ["MLX_ENABLE_TF32"] = "0"
 
 
 @pytest.fixture(scope="module")
