@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "float16", "bfloat16"],
         default=S,
-        help="frozen-weight/compute dtype (default float32 on CPU, float16 on GPU); trainables are fp32",
+        help="frozen-weight/compute dtype (default float32 on CPU, bfloat16 on GPU); trainables are fp32",
     )
     ap.add_argument("--batch-size", type=int, default=S)
     ap.add_argument("--grad-accum", type=int, default=S)
