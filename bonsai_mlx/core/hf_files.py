@@ -56,7 +56,7 @@ def processor_config(config: PicoConfig) -> dict:
     }
 
 
-def _read_template(d: Path) -> str | None:
+def read_template(d: Path) -> str | None:
     if (d / TEMPLATE_FILE).is_file():
         return (d / TEMPLATE_FILE).read_text()
     for name in ("tokenizer_config.json", "chat_template.json"):
@@ -76,7 +76,7 @@ def write_engine_files(model_dir: str | Path, config: PicoConfig) -> None:
     """
     d = Path(model_dir)
     atomic_write_text(d / "processor_config.json", json.dumps(processor_config(config), indent=2) + "\n")
-    template = _read_template(d)
+    template = read_template(d)
     if template is None:
         return
     atomic_write_text(d / TEMPLATE_FILE, list_aware(template))
