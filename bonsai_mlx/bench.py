@@ -216,7 +216,8 @@ def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str) -> li
     rows = []
     for kind in types:
         out = base.with_name(f"{base.name}-gguf")
-        lm, mmproj = out / f"{base.name}-{kind}.gguf", out / f"mmproj-{base.name}-f16.gguf"
+        lm = out / f"{base.name}-{kind}.gguf"
+        mmproj = out / f"mmproj-{base.name}-{'f32' if kind == 'f32' else 'f16'}.gguf"
         if not lm.is_file() or not mmproj.is_file():
             print(f"convert to-gguf --type {kind} ...", file=sys.stderr)
             to_gguf(base, out, kind)

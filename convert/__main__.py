@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "--type",
         default="f16",
         choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"],
-        help="LM weight type (the mmproj is f16); q4_k_m uses llama.cpp's own quantizer",
+        help="LM weight type (the mmproj is f16, f32 with f32); q4_k_m uses llama.cpp's own quantizer",
     )
     p.add_argument("--quantizer", help="a llama-quantize binary for q4_k_m (default: llama-cpp-python, or PATH)")
 

@@ -71,13 +71,12 @@ def _llama(py: str, lm: Path, mmproj: Path, images, prompt: str, n: int) -> list
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
-def _agreement(tok, ours: list[int], text: str) -> tuple[bool, int, int]:
-    """(same text, tokens equal before the first difference, our token count)."""
-    theirs = tok.encode(text, add_special_tokens=False)
+def _agreement(ours: list[int], theirs: list[int]) -> tuple[bool, int, int]:
+    """(same tokens, tokens equal before the first difference, our token count)."""
     k = 0
     while k < min(len(ours), len(theirs)) and ours[k] == theirs[k]:
         k += 1
-    return tok.decode(ours, skip_special_tokens=True) == text, k, len(ours)
+    return ours == theirs, k, len(ours)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,10 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"gguf-{kind}"
         args = ["to-gguf", str(f32), str(out), "--type", kind]
         convert(args + (["--quantizer", str(shim)] if kind == "q4_k_m" else []))
-        lm, mmproj = out / f"pico-f32-{kind}.gguf", out / "mmproj-pico-f32-f16.gguf"
+        lm = out / f"pico-f32-{kind}.gguf"
+        mmproj = out / f"mmproj-pico-f32-{'f32' if kind == 'f32' else 'f16'}.gguf"
         got = _llama(a.llama_python, lm, mmproj, images, a.prompt, a.max_tokens)
         for ref_name in ("f32", "f16"):
-            rows = [_agreement(tok, o, g["text"]) for o, g in zip(ref[ref_name], got, strict=True)]
+            rows = [_agreement(o, g["tokens"]) for o, g in zip(ref[ref_name], got, strict=True)]
             same = sum(r[0] for r in rows)
             prefix = ", ".join(f"{k}/{n}" for _, k, n in rows)
             print(f"| {kind} | bonsai_mlx {ref_name} | {same}/{len(rows)} | {prefix} |", flush=True)

@@ -2,7 +2,9 @@
 
 Runs in an environment that has llama-cpp-python (built from source), not necessarily this project:
     python scripts/llama_cpp_run.py LM.gguf MMPROJ.gguf --prompt "Describe the image." --max-tokens 12 A.png B.png
-prints one JSON line per image: {"image", "text", "seconds", "prompt_tokens", "completion_tokens"}.
+prints one JSON line per image: {"image", "text", "tokens", "seconds", "prompt_tokens", "completion_tokens"}.
+"tokens" are the answer's token ids as llama.cpp evaluated them (it runs one token past --max-tokens, so
+that the last one asked for has been fed back too).
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         r = llm.create_chat_completion(
             messages=[{"role": "user", "content": content}],
-            max_tokens=a.max_tokens,
+            max_tokens=a.max_tokens + 1,
             temperature=0.0,
             top_k=1,
             repeat_penalty=1.0,
         )
         dt = time.perf_counter() - t0
         u = r["usage"]
+        tokens = [int(t) for t in llm.input_ids[u["prompt_tokens"] : llm.n_tokens]][: a.max_tokens]
         print(
             json.dumps(
                 {
                     "image": path,
                     "text": r["choices"][0]["message"]["content"],
+                    "tokens": tokens,
                     "seconds": dt,
                     "prompt_tokens": u["prompt_tokens"],
                     "completion_tokens": u["completion_tokens"],

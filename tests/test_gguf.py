@@ -75,6 +75,10 @@ def test_mmproj_has_what_llama_cpp_clip_loader_reads(files, pico_dir):
     }
     for g, h in pairs.items():
         np.testing.assert_allclose(_float(t[g]), np.array(src[h]), atol=2e-3, rtol=1e-3)
+    exact = _tensors(gguf.GGUFReader(out / f"mmproj-{name}-f32.gguf"))  # --type f32: the vision side too
+    assert {x.tensor_type.name for x in exact.values()} == {"F32"}
+    for g, h in pairs.items():
+        np.testing.assert_array_equal(_float(exact[g]), np.array(src[h]))
 
 
 @pytest.mark.parametrize("kind, atol", [("f32", 0.0), ("f16", 2e-3), ("q8_0", 2e-2)])

@@ -1,9 +1,9 @@
 """`convert to-gguf`: a Pico as the two files llama.cpp runs it from, written with the `gguf` package.
 
 * `NAME-TYPE.gguf`: the Qwen2 language model (architecture `qwen2`, the BPE tokenizer, chat template).
-* `mmproj-NAME-f16.gguf`: SigLIP + the 2-layer projector for llama.cpp's multimodal loader (`clip`
-  architecture, projector type `mlp`, the checkpoint's image mean/std, the feature layer as an index
-  into the encoder's hidden states). SigLIP's post-layernorm is left out: Llava reads the last layer's
+* `mmproj-NAME-f16.gguf` (`-f32` with `--type f32`): SigLIP + the 2-layer projector for llama.cpp's
+  multimodal loader (`clip` architecture, projector type `mlp`, the checkpoint's image mean/std, the
+  feature layer as an index into the encoder's hidden states). SigLIP's post-layernorm is left out: Llava reads the last layer's
   states before it, and llama.cpp would apply any `v.post_ln` it finds.
 
 llama.cpp pads a non-square image to a square (llava-1.5 style) before resizing, where Pico's processor
@@ -150,7 +150,7 @@ def write_lm(d: Path, config: PicoConfig, w: dict, out: Path, kind: str) -> None
     _finish(writer)
 
 
-def write_mmproj(d: Path, config: PicoConfig, w: dict, out: Path) -> None:
+def write_mmproj(d: Path, config: PicoConfig, w: dict, out: Path, f32: bool = False) -> None:
     import gguf
 
     v = config.vision
@@ -168,7 +168,7 @@ def write_mmproj(d: Path, config: PicoConfig, w: dict, out: Path) -> None:
     writer = gguf.GGUFWriter(str(out), "clip")
     writer.add_name(d.name)
     writer.add_description("Pico vision tower (SigLIP) + projector")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type("mlp")  # clip-impl.h PROJECTOR_TYPE_MLP: linear, gelu, linear
     writer.add_vision_projection_dim(config.text.hidden_size)
@@ -197,7 +197,7 @@ def write_mmproj(d: Path, config: PicoConfig, w: dict, out: Path) -> None:
         if name is None:
             raise CheckpointError(f"{d}: tensor {k} has no GGUF name for llama.cpp's clip loader")
         arr = _np(w[k])
-        keep32 = arr.ndim == 1 or name == "v.position_embd.weight"
+        keep32 = f32 or arr.ndim == 1 or name == "v.position_embd.weight"
         writer.add_tensor(name, arr.astype(np.float32 if keep32 else np.float16))
     _finish(writer)
 
@@ -249,7 +249,7 @@ def to_gguf(src: str | Path, out_dir: str | Path, kind: str = "f16", quantizer: 
     out.mkdir(parents=True, exist_ok=True)
     name = d.name
     lm = out / f"{name}-{kind}.gguf"
-    mmproj = out / f"mmproj-{name}-f16.gguf"
+    mmproj = out / f"mmproj-{name}-{'f32' if kind == 'f32' else 'f16'}.gguf"
     if kind == "q4_k_m":
         f16 = out / f".{name}-f16-for-q4_k_m.gguf"
         write_lm(d, config, w, f16, "f16")
@@ -259,5 +259,5 @@ def to_gguf(src: str | Path, out_dir: str | Path, kind: str = "f16", quantizer: 
             f16.unlink(missing_ok=True)
     else:
         write_lm(d, config, w, lm, kind)
-    write_mmproj(d, config, w, mmproj)
+    write_mmproj(d, config, w, mmproj, f32=kind == "f32")
     return f"{lm.name} + {mmproj.name}"
