@@ -3,8 +3,8 @@
 * `NAME-TYPE.gguf`: the Qwen2 language model (architecture `qwen2`, the BPE tokenizer, chat template).
 * `mmproj-NAME-f16.gguf` (`-f32` with `--type f32`): SigLIP + the 2-layer projector for llama.cpp's
   multimodal loader (`clip` architecture, projector type `mlp`, the checkpoint's image mean/std, the
-  feature layer as an index into the encoder's hidden states). SigLIP's post-layernorm is left out: Llava reads the last layer's
-  states before it, and llama.cpp would apply any `v.post_ln` it finds.
+  feature layer as an index into the encoder's hidden states). SigLIP's post-layernorm is left out:
+  Llava reads the last layer's states before it, and llama.cpp would apply any `v.post_ln` it finds.
 
 llama.cpp pads a non-square image to a square (llava-1.5 style) before resizing, where Pico's processor
 stretches it; hand llama.cpp square images (or resize them to image_size x image_size first) to get
