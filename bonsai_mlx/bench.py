@@ -252,6 +252,73 @@ def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
     }
 
 
+def work_llama_cpp(lm_gguf: str, tokens: int, mmproj: str) -> dict:
+    """llama.cpp through llama-cpp-python's multimodal chat handler. Runs under another interpreter (the one
+    that has llama-cpp-python) as `python bonsai_mlx/bench.py --worker llama.cpp`: stdlib, numpy, PIL only."""
+    import base64
+    import io
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    buf = io.BytesIO()
+    bench_image().save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    llm = Llama(
+        model_path=lm_gguf,
+        chat_handler=MTMDChatHandler(clip_model_path=mmproj, verbose=False),
+        n_ctx=1024,
+        n_threads=os.cpu_count() or 1,
+        verbose=False,
+    )
+    never_stop = {str(llm.token_eos()): -1e9}
+
+    def run(n: int) -> tuple[float, dict]:
+        content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "\n" + PROMPT}]
+        t = time.perf_counter()
+        r = llm.create_chat_completion(
+            messages=[{"role": "user", "content": content}],
+            max_tokens=n,
+            temperature=0.0,
+            repeat_penalty=1.0,
+            logit_bias=never_stop,
+        )
+        return time.perf_counter() - t, r["usage"]
+
+    run(2)
+    ttft, _ = run(1)
+    total, usage = run(tokens)
+    return {
+        "ttft_s": ttft,
+        "decode_tps": (usage["completion_tokens"] - 1) / (total - ttft),
+        "prompt_tokens": usage["prompt_tokens"],
+        "peak_gb": peak_rss_gb(),
+        "lm_bytes": Path(lm_gguf).stat().st_size,
+    }
+
+
+def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str) -> list[tuple[str, dict]]:
+    """`convert to-gguf` of the benchmarked Pico, then llama.cpp on each GGUF type, each in its own process."""
+    from bonsai_mlx.conversion.gguf import to_gguf
+
+    rows = []
+    for kind in types:
+        out = base.with_name(f"{base.name}-gguf")
+        lm = out / f"{base.name}-{kind}.gguf"
+        mmproj = out / f"mmproj-{base.name}-{'f32' if kind == 'f32' else 'f16'}.gguf"
+        if not lm.is_file() or not mmproj.is_file():
+            print(f"convert to-gguf --type {kind} ...", file=sys.stderr)
+            to_gguf(base, out, kind)
+        print(f"llama.cpp {kind} ...", file=sys.stderr)
+        cmd = [python, __file__, "--worker", "llama.cpp", "--model", str(lm), "--tokens", str(tokens)]
+        r = subprocess.run([*cmd, "--worker-arg", str(mmproj)], capture_output=True, text=True)
+        if r.returncode != 0:
+            rows.append((f"llama.cpp {kind}", {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}))
+        else:
+            rows.append((f"llama.cpp {kind}", json.loads(r.stdout.strip().splitlines()[-1])))
+    return rows
+
+
 def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
     cmd = [
         sys.executable,
@@ -323,8 +390,16 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         action="append",
         default=[],
-        choices=["transformers", "mlx-vlm"],
+        choices=["transformers", "mlx-vlm", "llama.cpp"],
         help="also run this engine on the same float weights, in the same run",
+    )
+    ap.add_argument(
+        "--llama-types", default="f16,q8_0,q4_k_m", help="with --compare llama.cpp: GGUF types (convert to-gguf)"
+    )
+    ap.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="with --compare llama.cpp: a python that has llama-cpp-python (it may live in another venv)",
     )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
     ap.add_argument(
@@ -337,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
+    if a.worker == "llama.cpp":  # no project import: this interpreter may have only llama-cpp-python
+        print(json.dumps(work_llama_cpp(a.model, a.tokens, a.worker_arg)))
+        return 0
     if a.worker:
         import bonsai_mlx  # noqa: F401
 
@@ -376,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for v in variants:
                     rows.append((f"mlx-vlm {v}", spawn("mlx-vlm", variant_dir(base, v), a.tokens)))
+        if "llama.cpp" in a.compare:
+            rows += llama_cpp_rows(base, a.llama_types.split(","), a.tokens, a.llama_python)
         print(
             f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
             f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n"

@@ -9,11 +9,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.hf_files import write_engine_files
 from bonsai_mlx.core.hub import resolve
 from bonsai_mlx.model import Pico
 from bonsai_mlx.weights import load_weights, save_weights
 
 CONV = "vision_tower.vision_model.embeddings.patch_embedding.weight"
+POOLING_HEAD = "vision_tower.vision_model.head."  # SigLIP's attention-pooling head: unused by Llava
 
 
 def canonical_key(k: str) -> str:
@@ -32,9 +34,13 @@ def canonical_key(k: str) -> str:
 
 
 def canonical_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Canonical names, minus buffers and the SigLIP pooling head (read from old checkpoints, never kept)."""
     out = {canonical_key(k): v for k, v in weights.items()}
-    out = {k: v for k, v in out.items() if "position_ids" not in k and "rotary_emb" not in k}
-    return out
+    return {
+        k: v
+        for k, v in out.items()
+        if "position_ids" not in k and "rotary_emb" not in k and not k.startswith(POOLING_HEAD)
+    }
 
 
 def sanitize(weights: dict[str, mx.array], config: PicoConfig) -> dict[str, mx.array]:
@@ -121,13 +127,16 @@ def stored_dtype(model_dir: str | Path) -> mx.Dtype:
 def save(
     model: Pico, out: str | Path, dtype: mx.Dtype | None = None, extra_files_from: str | Path | None = None
 ) -> None:
-    """Write an HF Llava directory: config.json + safetensors (+ tokenizer/processor files copied)."""
+    """Write an HF Llava directory: config.json + safetensors (+ tokenizer/processor files copied), with the
+    processor_config.json and list-aware chat template other engines need."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out, hf_state(model, dtype))
     model.config.save(out)
     if extra_files_from is not None:
-        copy_processor_files(extra_files_from, out)
+        copy_processor_files(extra_files_from, out, model.config)
+    else:
+        write_engine_files(out, model.config)
 
 
 PROCESSOR_FILES = (
@@ -146,12 +155,14 @@ PROCESSOR_FILES = (
 )
 
 
-def copy_processor_files(src: str | Path, dst: str | Path) -> None:
+def copy_processor_files(src: str | Path, dst: str | Path, config: PicoConfig | None = None) -> None:
+    """Tokenizer/processor files from `src` to `dst`, then the engine files for `dst`'s config (read from
+    `dst/config.json` when not given, so write the config first)."""
     import shutil
 
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        return
-    for name in PROCESSOR_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+    if src.resolve() != dst.resolve():
+        for name in PROCESSOR_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+    write_engine_files(dst, config or PicoConfig.load(dst))

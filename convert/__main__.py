@@ -1,4 +1,4 @@
-"""python -m convert to-mlx | to-hf | init | fuse"""
+"""python -m convert to-mlx | to-hf | init | fuse | to-gguf"""
 
 from __future__ import annotations
 
@@ -42,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the base's dtype")
 
+    p = sub.add_parser("to-gguf", help="Pico -> llama.cpp: the language-model GGUF + the mmproj GGUF (vision)")
+    p.add_argument("src", help="Pico directory (float or MLX-quantized) or hub id")
+    p.add_argument("out_dir")
+    p.add_argument(
+        "--type",
+        default="f16",
+        choices=["f32", "f16", "q8_0", "q4_0", "q4_k_m"],
+        help="LM weight type (the mmproj is f16, f32 with f32); q4_k_m uses llama.cpp's own quantizer",
+    )
+    p.add_argument("--quantizer", help="a llama-quantize binary for q4_k_m (default: llama-cpp-python, or PATH)")
+
     a = ap.parse_args(argv)
     with friendly("convert"):
         if a.cmd == "to-mlx":
@@ -56,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             from bonsai_mlx.conversion.assemble import assemble
 
             note = assemble(a.vision, a.text, a.out, a.seed, a.dtype)
+        elif a.cmd == "to-gguf":
+            from bonsai_mlx.conversion.gguf import to_gguf
+
+            note = to_gguf(a.src, a.out_dir, a.type, a.quantizer)
+            a.out = a.out_dir
         else:
             from bonsai_mlx.conversion.fuse import fuse
 

@@ -11,6 +11,7 @@ import mlx.core as mx
 from bonsai_mlx import loading
 from bonsai_mlx.conversion.sources import cast, read_tensors
 from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig, pick_fields
+from bonsai_mlx.core.hf_files import write_engine_files
 from bonsai_mlx.core.processing import IMAGE
 from bonsai_mlx.weights import save_weights
 
@@ -36,8 +37,10 @@ def _vision(d: Path) -> tuple[dict, dict[str, mx.array]]:
         k = k.removeprefix("model.")
         if k.startswith("vision_model."):  # SiglipModel (google/siglip-*), or 4.x SiglipVisionModel
             w["vision_tower." + k] = v
-        elif k.startswith(("embeddings.", "encoder.", "post_layernorm.", "head.")):  # 5.x SiglipVisionModel
+        elif k.startswith(("embeddings.", "encoder.", "post_layernorm.")):  # 5.x SiglipVisionModel
             w["vision_tower.vision_model." + k] = v
+    # SigLIP's pooling head (vision_model.head.*) is left out: Llava never uses it (vision_use_head: false).
+    w = {k: v for k, v in w.items() if not k.startswith(loading.POOLING_HEAD)}
     if not w:
         raise ValueError(f"{d}: no vision_model.* tensors found")
     return cfg, w
@@ -125,4 +128,5 @@ def assemble(vision: str | Path, text: str | Path, out: str | Path, seed: int = 
         raise FileNotFoundError(f"{vdir / 'preprocessor_config.json'}: not found (the SigLIP image processor)")
     if (tdir / "generation_config.json").is_file():
         shutil.copyfile(tdir / "generation_config.json", out / "generation_config.json")
+    write_engine_files(out, config)
     return "; ".join(note)

@@ -69,4 +69,4 @@ def _write(src_dir: Path, config: PicoConfig, w: dict[str, mx.array], out: str |
             raise FileExistsError(f"{out}: exists and is not a model directory; refusing to write into it")
     save_weights(out, w)
     config.save(out)
-    loading.copy_processor_files(src_dir, out)
+    loading.copy_processor_files(src_dir, out, config)

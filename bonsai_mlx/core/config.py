@@ -30,8 +30,13 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
-    vision_use_head: bool = True
+    vision_use_head: bool = False
     model_type: str = "siglip_vision_model"
+
+    def __post_init__(self) -> None:
+        # SigLIP's attention-pooling head: Llava never calls it and strict loaders (mlx-vlm) refuse its
+        # tensors, so a Pico never has one; a checkpoint that kept it is read with those tensors dropped.
+        self.vision_use_head = False
 
     @property
     def grid(self) -> int:
