@@ -79,6 +79,13 @@ def assert_engine_ready(d: Path) -> None:
     assert rendered == proc.apply_chat_template(
         [{"role": "user", "content": as_parts[0]["content"][::-1]}], add_generation_prompt=True
     )
+    # and bonsai_mlx's own renderer builds the same prompt from parts in either order
+    from bonsai_mlx.core.processing import Processor
+
+    ours = Processor(d, PicoConfig.load(d))
+    n = cfg["image_seq_length"]
+    for parts in (as_parts[0]["content"], as_parts[0]["content"][::-1]):
+        assert ours.render([{"role": "user", "content": parts}]) == rendered.replace("<image>", "<image>" * n)
     n_image = cfg["image_seq_length"]
     ids = proc(images=IMAGES[0], text=rendered, return_tensors="np")["input_ids"][0].tolist()
     assert ids.count(cfg["image_token_index"]) == n_image

@@ -20,16 +20,12 @@ _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 def _text_of(content: str | list) -> str:
-    """LLaVA-style string content, from either a string or HF's list of typed parts."""
+    """LLaVA-style string content, from either a string or HF's list of typed parts: every image first, then
+    the text parts, as the written chat template (core.hf_files) and llava-hf's templates render it."""
     if isinstance(content, str):
         return content
-    parts = []
-    for part in content:
-        if part.get("type") == "image":
-            parts.append(IMAGE + "\n")
-        elif part.get("type") == "text":
-            parts.append(part.get("text", ""))
-    return "".join(parts)
+    images = [IMAGE + "\n" for part in content if part.get("type") in ("image", "image_url")]
+    return "".join(images + [part.get("text", "") for part in content if part.get("type") == "text"])
 
 
 class Processor:
