@@ -192,6 +192,14 @@ def trainable_state(step_module) -> dict:
     return {n: p.detach().float().cpu().contiguous() for n, p in step_module.named_parameters() if p.requires_grad}
 
 
+def checksum(step_module):
+    """Two float64 sums over every trainable (plain and position-weighted): equal on all ranks of a run."""
+    import torch
+
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in step_module.parameters() if p.requires_grad])
+    return torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=torch.float64)).sum()])
+
+
 def save_checkpoint(out: Path, name: str, acc, wrapped, opt, sched, step: int, micro: int, a) -> Path | None:
     """`out/checkpoints/<name>` (via a temp dir; `latest` points at it): the adapter and projector (what
     `convert fuse` reads) and everything an exact resume needs: trainables incl. aligners, optimizer and
@@ -216,13 +224,17 @@ def save_checkpoint(out: Path, name: str, acc, wrapped, opt, sched, step: int, m
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(_plain(rng), tmp / f"rng-{acc.process_index}.pt")
+    inner = acc.unwrap_model(wrapped)
+    sums = acc.gather(checksum(inner).to(acc.device)).reshape(acc.num_processes, -1).cpu().tolist()
+    if any(x != sums[0] for x in sums):
+        raise RuntimeError(f"ranks hold different trainables at step {step} ({sums}): gradients were not all-reduced")
     if acc.is_main_process:
-        inner = acc.unwrap_model(wrapped)
         inner.model.save_pretrained(str(tmp))
         save_file(projector_state(inner.model), str(tmp / "projector.safetensors"))
         save_file(trainable_state(inner), str(tmp / "trainable.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         state = {"step": step, "micro": micro, "scheduler": sched.state_dict(), "args": vars(a), "time": time.time()}
+        state["rank_checksums"] = sums
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2, default=str))
     acc.wait_for_everyone()
     if acc.is_main_process:

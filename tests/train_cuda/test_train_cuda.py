@@ -139,3 +139,45 @@ def test_distill_kl_runs_with_a_shared_vocabulary_and_is_refused_without(pico_di
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
     assert all(0 < r["feat"] < 2 for r in rows)  # 1 - cosine: bounded, unlike the MSE
+
+
+def test_interrupted_and_resumed_distill_equals_an_uninterrupted_run(pico_dir, setup, tmp_path, monkeypatch):
+    """Adapter, projector, aligners, optimizer, scheduler, step, data position and RNG (LoRA dropout on) all
+    come back: the resumed run ends with the same weights and logs the same losses."""
+    from safetensors.numpy import load_file
+
+    from train_cuda import trainer
+    from train_cuda.distill import main as distill
+
+    def args(out):
+        a = _common(pico_dir, setup, out)
+        a[a.index("--lora-dropout") + 1] = "0.2"
+        return [*a, "--teacher-cache", str(setup / "cache"), "--max-steps", "4", "--save-every", "2"]
+
+    assert distill(args(tmp_path / "whole")) == 0
+    real = trainer.save_checkpoint
+
+    def crash_after_first(out, name, *rest):
+        ck = real(out, name, *rest)
+        if name.startswith("step-"):
+            raise KeyboardInterrupt  # the machine went away right after the step-2 checkpoint
+        return ck
+
+    monkeypatch.setattr(trainer, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        distill(args(tmp_path / "cut"))
+    monkeypatch.setattr(trainer, "save_checkpoint", real)
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert distill([*args(tmp_path / "cut"), "--resume"]) == 0
+    a = load_file(str(tmp_path / "whole" / "checkpoints" / "final" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "final" / "trainable.safetensors"))
+    assert any(k.startswith("aligners.") for k in a)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+    rows = lambda d: [  # noqa: E731
+        {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"}
+        for x in (d / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows(tmp_path / "cut") == rows(tmp_path / "whole") and len(rows(tmp_path / "whole")) == 4
+    with pytest.raises(SystemExit):  # a resume that would be another run is refused
+        distill([*args(tmp_path / "cut"), "--resume", "--lr", "0.5"])
