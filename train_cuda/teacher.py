@@ -112,12 +112,13 @@ class Teacher:
         L = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id or 0
         inp = torch.tensor([x + [pad] * (L - len(x)) for x in ids], device=self.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids], device=self.device)
         kw = {}
         if pixels is not None:
             kw["pixel_values"] = torch.tensor(pixels, device=self.device, dtype=self.model.dtype)
         with torch.no_grad():
-            out = self.model(input_ids=inp, attention_mask=mask, output_hidden_states=True, **kw)
+            # no attention mask: with right padding the causal mask alone gives every real position the same
+            # states, and without a dense mask SDPA can use its flash kernel (padded positions are never read)
+            out = self.model(input_ids=inp, output_hidden_states=True, **kw)
         hs = out.hidden_states
         states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]) for k in layers]
         top = out.logits.float().topk(topk, dim=-1) if topk else None

@@ -270,3 +270,14 @@ def test_a_siglip_teacher_counts_its_own_image_tokens(tmp_path, data, pico_dir, 
     assert _extract(t_dir, pico_dir, data, tmp_path / "cache", "--max-samples", "2") == 0
     s_grid = PicoConfig.load(pico_dir).vision.grid
     assert CacheReader(tmp_path / "cache").get("s0").image[-1].shape == (s_grid * s_grid, 64)
+
+
+def test_right_padding_without_a_mask_leaves_the_real_positions_unchanged(teacher_dir):
+    """The teacher runs with no dense attention mask (SDPA's flash kernel): causal attention alone keeps the
+    states of a short sample in a padded batch equal to its states alone."""
+    t = Teacher.load(str(teacher_dir))
+    short, long = [5, 6, 7, 8], [5, 9, 10, 11, 12, 13, 14, 15]
+    alone = t.hidden_states([short], None, [-1, 1])[0]
+    batched = t.hidden_states([short, long], None, [-1, 1])[0]
+    for a, b in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(b[0, : len(short)], a[0], atol=1e-5)
