@@ -90,7 +90,7 @@ def setup_distill(cfg, model, proc, train):
     if cfg.kl:
         check_kl(cache, proc.tokenizer)
     n_student = len(model.language_model.model.layers)
-    pairs = cache_layer_map(cfg.layer_map, cache, n_student)
+    pairs = cache_layer_map(cfg.layer_map, cache, n_student, model.config.vision.grid)
     aligners = Aligners(pairs, model.config.text.hidden_size, cache.manifest["hidden_size"])
     layers = [t for t, _ in pairs]
 

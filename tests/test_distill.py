@@ -107,6 +107,10 @@ def test_the_default_layer_map_comes_from_the_teachers_depth_in_the_cache(tmp_pa
     CacheWriter(tmp_path, manifest)
     assert cache_layer_map(None, CacheReader(tmp_path), 24) == [(-1, -1), (16, 12)]
     assert cache_layer_map("16:3", CacheReader(tmp_path), 24) == [(16, 3)]
+    CacheWriter(tmp_path / "g", {**manifest, "student_grid": 14})
+    assert cache_layer_map(None, CacheReader(tmp_path / "g"), 24, 14) == [(-1, -1), (16, 12)]
+    with pytest.raises(ValueError, match="14x14 student grid, this student has 16x16"):
+        cache_layer_map(None, CacheReader(tmp_path / "g"), 24, 16)
 
 
 def test_image_targets_of_a_default_strategy_student_skip_the_patch_it_drops():

@@ -106,7 +106,7 @@ def train(a, distill: bool) -> dict:
         if missing:
             acc.print(f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); skipped")
         ds.examples = [e for e in ds.examples if e.id in cache]
-        pairs = cache_layer_map(a.layer_map, cache, scfg.text.num_hidden_layers)
+        pairs = cache_layer_map(a.layer_map, cache, scfg.text.num_hidden_layers, scfg.vision.grid)
         acc.print("layer map (teacher:student): " + ",".join(f"{t}:{s}" for t, s in pairs))
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"])
     step_module = StudentStep(model, aligners, a if distill else None, proc.image_token_id, cache)

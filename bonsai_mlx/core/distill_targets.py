@@ -39,8 +39,17 @@ def parse_layer_map(
     return pairs
 
 
-def cache_layer_map(spec: str | None, cache: CacheReader, n_student: int) -> list[tuple[int, int]]:
-    """The layer map both trainers use: `spec`, else relative depth from the teacher depth the cache records."""
+def cache_layer_map(
+    spec: str | None, cache: CacheReader, n_student: int, student_grid: int | None = None
+) -> list[tuple[int, int]]:
+    """The layer map both trainers use: `spec`, else relative depth from the teacher depth the cache records.
+    With `student_grid`, also refuses a cache whose image targets were pooled for another patch grid."""
+    made_for = cache.manifest.get("student_grid")
+    if student_grid is not None and made_for is not None and made_for != student_grid:
+        raise ValueError(
+            f"{cache.root}: image targets were pooled onto a {made_for}x{made_for} student grid, this student has "
+            f"{student_grid}x{student_grid}; re-extract with --student-tokenizer for this model"
+        )
     return parse_layer_map(spec, cache.layers, n_student, cache.manifest.get("teacher_layers"))
 
 
