@@ -194,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = Setup()
-    for f in ("out", "n_train", "share", "n_eval", "teacher_steps", "student_steps", "alpha", "layers", "aspect"):
+    for f in ("out", "n_train", "share", "n_eval", "teacher_steps", "student_steps", "alpha", "layers"):
         v = getattr(d, f)
         ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument(
+        "--aspect", choices=("mixed", "square"), default=d.aspect, help="mixed: images stretched to 2:1 and 1:2 in turn"
+    )
     ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
