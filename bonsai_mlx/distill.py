@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 from bonsai_mlx.core.align import FEAT_LOSSES
 from bonsai_mlx.core.batching import Batch
-from bonsai_mlx.core.distill_targets import check_kl, gather_targets, parse_layer_map
+from bonsai_mlx.core.distill_targets import cache_layer_map, check_kl, gather_targets
 from bonsai_mlx.core.teacher_cache import CacheReader
 
 
@@ -78,7 +78,7 @@ def setup_distill(cfg, model, proc, train):
     """(aligners, loss fn, batch augmenter) for the Trainer; drops samples the cache lacks."""
     if not cfg.teacher_cache:
         raise ValueError("--stage distill needs --teacher-cache (made by python -m train_cuda.extract)")
-    cache = CacheReader(cfg.teacher_cache, proc.tokenizer)
+    cache = CacheReader(cfg.teacher_cache, proc.tokenizer, proc.chat_template)
     missing = [e.id for e in train.examples if e.id not in cache]
     if missing:
         print(
@@ -90,7 +90,7 @@ def setup_distill(cfg, model, proc, train):
     if cfg.kl:
         check_kl(cache, proc.tokenizer)
     n_student = len(model.language_model.model.layers)
-    pairs = parse_layer_map(cfg.layer_map, cache.layers, n_student)
+    pairs = cache_layer_map(cfg.layer_map, cache, n_student, model.config.vision.grid)
     aligners = Aligners(pairs, model.config.text.hidden_size, cache.manifest["hidden_size"])
     layers = [t for t, _ in pairs]
 

@@ -59,3 +59,42 @@ def test_pad_to_square_and_layer_norm():
     y = layer_norm(np.random.rand(5, 8) * 10)
     np.testing.assert_allclose(y.mean(-1), 0, atol=1e-5)
     np.testing.assert_allclose(y.std(-1), 1, atol=1e-3)
+
+
+def _cell_means(img: np.ndarray, grid: int) -> np.ndarray:
+    """A 'tower' whose patch state is the patch's mean colour: (grid*grid, 3), row-major."""
+    h, w, _ = img.shape
+    return img.reshape(grid, h // grid, grid, w // grid, 3).mean((1, 3)).reshape(grid * grid, 3)
+
+
+@pytest.mark.parametrize("size", [(192, 96), (96, 192)])
+def test_teacher_units_see_the_student_patches_region_on_non_square_images(size):
+    """Teacher: the image padded to a square, 24x24 patches. Student: the image stretched, 4x4 patches.
+    With mean-colour towers, teacher unit k pooled onto the student grid is student patch k's colour."""
+    from bonsai_mlx.core.align import grid_weights
+
+    w, h = size
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 255, size=(h // 8, w // 8, 3)).astype(np.uint8)
+    pil = Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8)))
+    teacher = _cell_means(np.asarray(pad_to_square(pil), np.float64), 24)
+    # the student's stretch to a square, done exactly: each student patch covers w/4 x h/4 original pixels
+    student = _cell_means(np.asarray(pil, np.float64), 4)
+    pooled = pool_grid(teacher, 24, 4, size)
+    np.testing.assert_allclose(pooled, student, atol=1e-9)
+    assert np.abs(pool_grid(teacher, 24, 4) - student).mean() > 5  # square pooling mixes in the padding
+    rows, cols = grid_weights(24, 4, size)
+    np.testing.assert_allclose(rows.sum(1), 1)
+    np.testing.assert_allclose(cols.sum(1), 1)
+
+
+def test_non_dividing_grids_on_a_non_square_image_stay_close():
+    """24 -> 14 on a 640x480 photo-like gradient: area weights put every student patch on its own region."""
+    w, h = 640, 480
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], -1)
+    pil = Image.fromarray(img.astype(np.uint8))
+    padded = np.asarray(pad_to_square(pil).resize((24 * 20, 24 * 20), Image.BOX), np.float64)
+    stretched = np.asarray(pil.resize((14 * 20, 14 * 20), Image.BOX), np.float64)
+    err = np.abs(pool_grid(_cell_means(padded, 24), 24, 14, (w, h)) - _cell_means(stretched, 14))
+    assert err.max() < 3.0  # colour levels, out of 255 (resampling only)

@@ -96,8 +96,43 @@ def test_kl_loss_matches_pytorch_and_the_exact_kl():
 def test_layer_map():
     assert parse_layer_map("-1:-1,16:12", [-1, 16], 24) == [(-1, -1), (16, 12)]
     assert parse_layer_map(None, [-1, 16], 24, 32) == [(-1, -1), (16, 12)]
+    assert parse_layer_map(None, [-2], 24, 32) == [(-2, 23)]  # hidden_states[-2] = layer 31 of 32
     with pytest.raises(ValueError, match="cache holds"):
         parse_layer_map("8:4", [-1, 16], 24)
+    with pytest.raises(ValueError, match="does not record the teacher's depth"):
+        parse_layer_map(None, [-1, 16], 24)  # not silently 16 -> 16
+
+
+def test_the_default_layer_map_comes_from_the_teachers_depth_in_the_cache(tmp_path):
+    """LLaVA-1.5-7B (32 layers) cached at -1,16 distils into a 24-layer student at -1 and 12."""
+    from bonsai_mlx.core.distill_targets import cache_layer_map
+    from bonsai_mlx.core.teacher_cache import CacheReader, CacheWriter
+
+    manifest = {"teacher": "t", "teacher_layers": 32, "layers": [-1, 16], "hidden_size": 8, "student_tokenizer": "x"}
+    CacheWriter(tmp_path, manifest)
+    assert cache_layer_map(None, CacheReader(tmp_path), 24) == [(-1, -1), (16, 12)]
+    assert cache_layer_map("16:3", CacheReader(tmp_path), 24) == [(16, 3)]
+    CacheWriter(tmp_path / "g", {**manifest, "student_grid": 14})
+    assert cache_layer_map(None, CacheReader(tmp_path / "g"), 24, 14) == [(-1, -1), (16, 12)]
+    with pytest.raises(ValueError, match="14x14 student grid, this student has 16x16"):
+        cache_layer_map(None, CacheReader(tmp_path / "g"), 24, 16)
+
+
+def test_image_targets_of_a_default_strategy_student_skip_the_patch_it_drops():
+    """A "default" student drops patch 0 (HF Llava drops the first token, and SigLIP has no CLS): its g*g - 1
+    image tokens show patches 1..g*g-1, so their targets are the cache's units 1..g*g-1, not 0..g*g-2."""
+    from bonsai_mlx.core.batching import Batch
+    from bonsai_mlx.core.distill_targets import gather_targets
+    from bonsai_mlx.core.teacher_cache import Entry
+
+    g, img = 3, 99
+    units = np.arange(g * g, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    entry = Entry([g * g + 1], [0], {-1: np.zeros((1, 4), np.float32)}, {-1: units})
+    cache = type("C", (), {"get": lambda self, sid: entry, "manifest": {}})()
+    ids = np.array([[1] + [img] * (g * g - 1) + [5, 6]], np.int32)
+    d = gather_targets(cache, Batch(ids, None, np.zeros(0), np.zeros(0), ["a"], ids.size), img, [-1])
+    np.testing.assert_array_equal(d["image_-1"][:, 0], np.arange(1, g * g))
+    np.testing.assert_array_equal(d["image_pos"], np.arange(1, g * g))
 
 
 def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_path):

@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bonsai_mlx.core.align import pad_to_square, pool_grid, text_units
+from bonsai_mlx.core.align import grid_weights, text_units
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
-from bonsai_mlx.core.teacher_cache import CacheWriter, Entry, tokenizer_fingerprint, vocab_fingerprint
+from bonsai_mlx.core.teacher_cache import (
+    CacheWriter,
+    Entry,
+    file_fingerprint,
+    tokenizer_fingerprint,
+    vocab_fingerprint,
+)
 from train_cuda.teacher import Teacher, answer_spans
 
 
@@ -100,6 +106,7 @@ def run(a) -> int:
     records = read_records(a.data)
     ids = record_ids(records, a.data)  # over the whole file: the trainers key the same records the same way
     plans, bad = [], {}
+    planned = ids[: a.max_samples]
     for rec, sid in list(zip(records, ids, strict=True))[: a.max_samples]:
         try:
             plans.append(plan_sample(rec, teacher, student, a.image_root, sid))
@@ -115,14 +122,23 @@ def run(a) -> int:
     )
     manifest = {
         "teacher": str(a.teacher),
+        "teacher_layers": teacher.model.config.text_config.num_hidden_layers,  # for the relative-depth layer map
         "layers": layers,
         "normalisation": "layernorm",
         "hidden_size": hidden,
-        "student_tokenizer": tokenizer_fingerprint(student.tokenizer),
+        "student_tokenizer": tokenizer_fingerprint(student.tokenizer, student.chat_template),
         "teacher_grid": teacher.grid,
         "student_grid": s_grid,
+        "student_strategy": scfg.vision_feature_select_strategy,
+        "geometry": "teacher padded to square, student stretched",
         "dtype": "float16",
         "teacher_vocab": vocab_fingerprint(teacher.tokenizer),
+        # what the cache was made from: a resume with other inputs is refused (or, --max-samples, redone)
+        "data": file_fingerprint(a.data),
+        "image_root": str(Path(a.image_root).resolve()) if a.image_root else None,
+        "teacher_dtype": str(teacher.model.dtype).removeprefix("torch."),
+        "load_4bit": bool(a.load_4bit),
+        "max_samples": a.max_samples,
     }
     if a.kl_topk:
         manifest["kl_topk"] = a.kl_topk
@@ -131,18 +147,21 @@ def run(a) -> int:
     writer = CacheWriter(a.out, manifest, a.per_shard)
     if a.pca and not writer.has_basis():
         writer.set_basis(fit_basis(teacher, plans[: a.pca_samples], layers, s_grid, width, a.batch_size))
-    shards = [plans[i : i + a.per_shard] for i in range(0, len(plans), a.per_shard)]
+    # shards are cut from the planned ids (skipped ones included), so a resume over other inputs redoes them
+    shard_ids = [planned[i : i + a.per_shard] for i in range(0, len(planned), a.per_shard)]
+    writer.keep_shards(len(shard_ids))
+    by_id = {p.sid: p for p in plans}
     bar = tqdm(total=len(plans), desc="extract", unit="sample")
-    for k, shard in enumerate(shards):
-        if writer.shard_done(k):
+    for k, sids in enumerate(shard_ids):
+        shard = [by_id[sid] for sid in sids if sid in by_id]
+        if writer.shard_done(k, sids):
             bar.update(len(shard))
             continue
         entries = {}
-        for i in range(0, len(shard), a.batch_size):
-            batch = shard[i : i + a.batch_size]
-            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.kl_topk))
+        for batch, pixels in prefetched(teacher, shard, a.batch_size, bad):
+            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.kl_topk, pixels))
             bar.update(len(batch))
-        writer.write_shard(k, entries)
+        writer.write_shard(k, entries, sids)
     bar.close()
     if bad:
         print(f"skipped {len(bad)}: " + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:5]))
@@ -180,18 +199,63 @@ def refuse_kl_unless_shared(teacher_tok, student_tok, flag: str) -> None:
         )
 
 
-def extract_batch(
-    teacher: Teacher, batch: list[Plan], layers: list[int], s_grid: int, bad: dict, topk: int = 0
-) -> dict[str, Entry]:
-    ok, pixels = [], []
+def load_pixels(teacher: Teacher, batch: list[Plan], bad: dict) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """{sid: (teacher pixel values, original (width, height))} for the batch's images; failures go to `bad`."""
+    out = {}
     for p in batch:
         if p.image:
             try:
-                pixels.append(teacher.pixel_values(pad_to_square(load_image(p.image)))[0])
+                im = load_image(p.image)
+                out[p.sid] = (teacher.pixel_values(im)[0], im.size)
             except ImageError as e:
                 bad[p.sid] = str(e)
-                continue
-        ok.append(p)
+    return out
+
+
+def prefetched(teacher: Teacher, plans: list[Plan], batch_size: int, bad: dict):
+    """(batch, its decoded images), decoding the next batch's images in a thread while this one runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [plans[i : i + batch_size] for i in range(0, len(plans), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(load_pixels, teacher, batches[0], bad)
+        for i, batch in enumerate(batches):
+            pixels = nxt.result()
+            if i + 1 < len(batches):
+                nxt = pool.submit(load_pixels, teacher, batches[i + 1], bad)
+            yield batch, pixels
+
+
+def pool_images(teacher: Teacher, states, rows: list[int], positions: list[list[int]], sizes, s_grid: int):
+    """Teacher image states of batch rows `rows` -> (N, s_grid^2, D) at the student's patches, on the
+    teacher's device in one batched pair of matmuls (per-image weights: each image has its own shape)."""
+    import torch
+
+    dev = states.device
+    g = teacher.grid
+    img = torch.stack([states[b, pos] for b, pos in zip(rows, positions, strict=True)])  # (N, tokens, D)
+    grid = teacher.patch_states(img).reshape(len(rows), g, g, -1)
+    w = [grid_weights(g, s_grid, size) for size in sizes]
+    r = torch.tensor(np.stack([x for x, _ in w]), dtype=torch.float32, device=dev)  # (N, s, g)
+    c = torch.tensor(np.stack([y for _, y in w]), dtype=torch.float32, device=dev)
+    t = torch.einsum("nia,nabd->nibd", r, grid)
+    return torch.einsum("njb,nibd->nijd", c, t).reshape(len(rows), s_grid * s_grid, -1)
+
+
+def extract_batch(
+    teacher: Teacher,
+    batch: list[Plan],
+    layers: list[int],
+    s_grid: int,
+    bad: dict,
+    topk: int = 0,
+    pixels: dict | None = None,
+) -> dict[str, Entry]:
+    if pixels is None:
+        pixels = load_pixels(teacher, batch, bad)
+    ok = [p for p in batch if not p.image or p.sid in pixels]
     if not ok:
         return {}
     # text-only and image samples go in separate forwards (the teacher takes one pixel tensor per call)
@@ -199,24 +263,24 @@ def extract_batch(
     for group in ([p for p in ok if p.image], [p for p in ok if not p.image]):
         if not group:
             continue
-        px = np.stack(pixels[: len(group)]) if group[0].image else None
-        if group[0].image:
-            pixels = pixels[len(group) :]
-        states, top = teacher.hidden_states([p.t_ids for p in group], px, layers, topk)
+        px = np.stack([pixels[p.sid][0] for p in group]) if group[0].image else None
+        states, top = teacher.forward([p.t_ids for p in group], px, layers, topk)
+        pooled = {}
+        if px is not None:
+            pos = [[i for i, t in enumerate(p.t_ids) if t == teacher.image_token_id] for p in group]
+            sizes = [pixels[p.sid][1] for p in group]
+            for L, st in zip(layers, states, strict=True):
+                pooled[L] = pool_images(teacher, st, list(range(len(group))), pos, sizes, s_grid).cpu().numpy()
         for b, p in enumerate(group):
-            text = {L: st[b, [t for t, _ in p.pairs]] for L, st in zip(layers, states, strict=True)}
-            image = {}
-            if p.image:
-                pos = [i for i, t in enumerate(p.t_ids) if t == teacher.image_token_id]
-                g = teacher.grid
-                for L, st in zip(layers, states, strict=True):
-                    img = st[b, pos]
-                    img = img[-g * g :]  # drop CLS when the teacher keeps it ("full" strategy)
-                    image[L] = pool_grid(img, g, s_grid)
-            e = out[p.sid] = Entry([s for _, s in p.pairs], [t for t, _ in p.pairs], text, image)
+            at = [t for t, _ in p.pairs]
+            text = {L: st[b, at].cpu().numpy() for L, st in zip(layers, states, strict=True)}
+            image = {L: pooled[L][b] for L in pooled}
+            e = out[p.sid] = Entry([s for _, s in p.pairs], at, text, image)
             if top is not None:
-                at = [p.pairs[k][0] for k in p.same_next]
-                e.kl_units, e.topk_logits, e.topk_ids = p.same_next, top[0][b, at], top[1][b, at]
+                kat = [p.pairs[k][0] for k in p.same_next]
+                e.kl_units = p.same_next
+                e.topk_logits = top[0][b, kat].cpu().numpy()
+                e.topk_ids = top[1][b, kat].cpu().numpy().astype(np.int32)
     return out
 
 

@@ -68,3 +68,48 @@ def distill_loss(
 ) -> torch.Tensor:
     a = alpha if alpha_end is None else alpha + (alpha_end - alpha) * frac
     return (1 - a) * ce + a * feat
+
+
+class StudentStep(nn.Module):
+    """The student (peft model) and its aligners as one module whose forward returns the losses: what
+    accelerate prepares, so DDP sees (and all-reduces) every trainable, aligners included."""
+
+    def __init__(self, model, aligners, distill_args, image_token_id: int, cache):
+        super().__init__()
+        self.model, self.aligners = model, aligners
+        self.a, self.image_token_id, self.cache = distill_args, image_token_id, cache
+        self.keep = sorted({s for _, s in aligners.pairs}) if aligners is not None else []
+
+    def forward(self, input_ids, positions, targets, batch, frac: float = 0.0, pixel_values=None) -> dict:
+        from bonsai_mlx.core.distill_targets import gather_targets
+
+        llava = self.model.base_model.model  # LlavaForConditionalGeneration (LoRA layers inside)
+        kw = {"pixel_values": pixel_values.to(llava.dtype)} if pixel_values is not None else {}
+        # no attention mask: right padding under the causal mask needs none (and SDPA keeps its flash kernel)
+        o = llava.model(input_ids=input_ids, output_hidden_states=bool(self.keep), **kw)
+        h = o.last_hidden_state
+        ce = ce_at(llava.lm_head, h, positions, targets)
+        parts = {"loss": ce, "ce": ce}
+        if self.aligners is None:
+            return parts
+        a, dev = self.a, input_ids.device
+        layers = [t for t, _ in self.aligners.pairs]
+        d = {
+            k: torch.tensor(v, device=dev)
+            for k, v in gather_targets(self.cache, batch, self.image_token_id, layers, a.kl).items()
+        }
+        for k in ("text_pos", "image_pos", "kl_pos"):
+            if k in d:
+                d[k] = d[k].long()
+        feat = feature_loss(self.aligners, {s: o.hidden_states[s] for s in self.keep}, d, a.feat_loss)
+        # every aligner in the graph even when a batch has no units for it (DDP expects all gradients)
+        feat = feat + 0.0 * sum(p.sum() for p in self.aligners.parameters())
+        loss = distill_loss(ce, feat, a.alpha, a.alpha_end, frac)
+        parts["feat"] = feat
+        if a.kl:
+            hk = h.reshape(-1, h.shape[-1])[d["kl_pos"]]
+            kl = kl_loss(llava.lm_head(hk), d["kl_logits"], d["kl_ids"], a.kl_temperature)
+            loss = loss + a.kl_weight * kl
+            parts["kl"] = kl
+        parts["loss"] = loss
+        return parts

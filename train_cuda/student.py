@@ -1,17 +1,23 @@
-"""The student Pico in PyTorch: NF4 (QLoRA) on CUDA, LoRA on the LM's projections only, projector trained."""
+"""The student Pico in PyTorch: NF4 (QLoRA) LM on CUDA, LoRA on the LM's projections only, projector trained.
+
+Precision on a GPU: the frozen weights are bf16 (the LM's linears NF4 with bf16 compute), the trainables
+(LoRA, projector) and their optimizer state fp32, and the forward runs under bf16 autocast, so attention
+gets bf16 inputs (FlashAttention-2, or SDPA's flash kernel). peft's `prepare_model_for_kbit_training` is not
+used: it upcasts the embeddings and norms to fp32, which made the whole activation path fp32 (SDPA's unfused
+math kernel). On the CPU everything is fp32 unless `bf16=True` (used by the tests to check the GPU path).
+"""
 
 from __future__ import annotations
 
 from bonsai_mlx.core.adapters import TARGETS, lm_target_regex
+from train_cuda.precision import attn_implementation, nf4_config
 
 
-def has_flash_attn() -> bool:
-    try:
-        import flash_attn  # noqa: F401
+def compute_dtype(cuda: bool | None = None):
+    import torch
 
-        return True
-    except ImportError:
-        return False
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return torch.bfloat16 if cuda else torch.float32
 
 
 def load_student(
@@ -21,45 +27,42 @@ def load_student(
     dropout: float = 0.05,
     targets=TARGETS,
     grad_checkpoint: bool = True,
+    bf16: bool | None = None,
 ):
-    """(peft model, notes). CUDA: LM in NF4 + double quant, bf16 compute, FA2 if installed. CPU: float32."""
+    """(peft model, notes). CUDA: LM in NF4 + double quant, bf16 frozen weights, FA2 if installed, else SDPA.
+    CPU: float32 (or bf16 frozen weights with `bf16=True`, no NF4: bitsandbytes needs a GPU)."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
     notes = []
-    kw: dict = {}
     cuda = torch.cuda.is_available()
+    bf16 = cuda if bf16 is None else bf16
+    kw: dict = {"dtype": torch.bfloat16 if bf16 else torch.float32, "attn_implementation": attn_implementation(cuda)}
     if cuda:
-        from transformers import BitsAndBytesConfig
-
-        kw.update(dtype=torch.bfloat16, device_map={"": torch.cuda.current_device()})
-        # Naming any skip list drops bitsandbytes' default lm_head exclusion, so name it too; SigLIP stays float.
-        kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            llm_int8_skip_modules=["lm_head", "multi_modal_projector", "vision_tower"],
-        )
-        kw["attn_implementation"] = "flash_attention_2" if has_flash_attn() else "sdpa"
-        notes.append(f"NF4 base, bf16 compute, attention: {kw['attn_implementation']}")
+        kw["device_map"] = {"": torch.cuda.current_device()}
+        kw["quantization_config"] = nf4_config(torch.bfloat16)
+        notes.append(f"NF4 language model, bf16 compute, attention: {kw['attn_implementation']}")
+    elif bf16:
+        notes.append("no CUDA device: bf16 frozen weights on the CPU (no NF4), attention: sdpa")
     else:
-        kw["dtype"] = torch.float32
         notes.append("no CUDA device: float32, no quantization, no FlashAttention-2")
     model = LlavaForConditionalGeneration.from_pretrained(pico_dir, **kw)
-    if cuda:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_checkpoint)
-    elif grad_checkpoint:
-        model.gradient_checkpointing_enable()
     for p in model.parameters():
         p.requires_grad_(False)
+    if grad_checkpoint:
+        # non-reentrant checkpointing needs no input that requires grad (what kbit preparation forced)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lm_target_regex(list(targets)), bias="none"
     )
     model = get_peft_model(model, cfg)
-    base = model.base_model.model
-    for p in base.model.multi_modal_projector.parameters():
+    for p in model.parameters():
+        if p.requires_grad:  # LoRA: trained (and stepped by the optimizer) in fp32
+            p.data = p.data.float()
+    for n, p in model.base_model.model.model.multi_modal_projector.named_parameters():
+        if not p.is_floating_point() or p.dtype == torch.uint8:
+            raise TypeError(f"multi_modal_projector.{n} is {p.dtype}: it was quantised (see precision.SKIP_NF4)")
         p.data = p.data.float()
         p.requires_grad_(True)
     return model, notes

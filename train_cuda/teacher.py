@@ -30,6 +30,9 @@ class Teacher:
     num_image_tokens: int
     grid: int
     device: str
+    # image token j shows patch j - patch_offset: 1 for a CLS the teacher keeps ("full" on CLIP), 0 for CLIP
+    # "default", -1 for SigLIP "default" (no CLS, so dropping the first token drops patch 0)
+    patch_offset: int = 0
 
     @classmethod
     def load(cls, path: str, dtype: str | None = None, load_4bit: bool = False) -> Teacher:
@@ -41,23 +44,12 @@ class Teacher:
         device, torch_dtype = device_and_dtype(dtype)
         kw: dict = {"dtype": torch_dtype}
         if device == "cuda":
+            from train_cuda.precision import attn_implementation, nf4_config
+
             kw["device_map"] = {"": 0}
-            try:
-                import flash_attn  # noqa: F401
-
-                kw["attn_implementation"] = "flash_attention_2"
-            except ImportError:
-                kw["attn_implementation"] = "sdpa"
-            if load_4bit:
-                from transformers import BitsAndBytesConfig
-
-                kw["quantization_config"] = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch_dtype,
-                    llm_int8_skip_modules=["lm_head", "multi_modal_projector"],
-                )
+            kw["attn_implementation"] = attn_implementation(True)
+            if load_4bit:  # the LM only: the vision tower and projector stay in torch_dtype
+                kw["quantization_config"] = nf4_config(torch_dtype)
         model = LlavaForConditionalGeneration.from_pretrained(str(d), **kw).eval()
         tok = AutoTokenizer.from_pretrained(str(d))
         ip = AutoImageProcessor.from_pretrained(str(d), backend="pil")
@@ -66,10 +58,8 @@ class Teacher:
             template = json.loads((d / "chat_template.json").read_text())["chat_template"]
         if not template and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
-        cfg = model.config
-        grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        n_img = grid * grid + (0 if cfg.vision_feature_select_strategy == "default" else 1)  # CLIP has a CLS
-        return cls(model, tok, ip, template, cfg.image_token_index, n_img, grid, device)
+        n_img, grid, offset = image_tokens(model)
+        return cls(model, tok, ip, template, model.config.image_token_index, n_img, grid, device, offset)
 
     def render(self, msgs: list[dict]) -> str:
         """The teacher's own prompt format; <image> expanded to its image-token count."""
@@ -99,25 +89,54 @@ class Teacher:
     ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
         """LayerNorm-normalised (parameter-free) states of `layers`, (B, L, D) float32 each, right-padded batch;
         with `topk`, also the top-k next-token logits at every position: (values, ids), each (B, L, k)."""
+        states, top = self.forward(ids, pixels, layers, topk)
+        if top is not None:
+            top = (top[0].cpu().numpy(), top[1].cpu().numpy().astype(np.int32))
+        return [s.cpu().numpy() for s in states], top
+
+    def patch_states(self, image_states):
+        """(..., num_image_tokens, D) -> (..., grid*grid, D) in patch order: a kept CLS dropped, and a patch
+        the strategy dropped (SigLIP "default": patch 0) filled with its neighbour."""
+        import torch
+
+        if self.patch_offset >= 0:
+            return image_states[..., self.patch_offset : self.patch_offset + self.grid * self.grid, :]
+        first = image_states[..., :1, :]
+        return torch.cat([first] * -self.patch_offset + [image_states], dim=-2)
+
+    def forward(self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int], topk: int = 0):
+        """As `hidden_states`, as float32 tensors on the teacher's device (so pooling can run there)."""
         import torch
         import torch.nn.functional as F
 
         L = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id or 0
         inp = torch.tensor([x + [pad] * (L - len(x)) for x in ids], device=self.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (L - len(x)) for x in ids], device=self.device)
         kw = {}
         if pixels is not None:
             kw["pixel_values"] = torch.tensor(pixels, device=self.device, dtype=self.model.dtype)
         with torch.no_grad():
-            out = self.model(input_ids=inp, attention_mask=mask, output_hidden_states=True, **kw)
+            # no attention mask: with right padding the causal mask alone gives every real position the same
+            # states, and without a dense mask SDPA can use its flash kernel (padded positions are never read)
+            out = self.model(input_ids=inp, output_hidden_states=True, **kw)
         hs = out.hidden_states
-        states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]).cpu().numpy() for k in layers]
-        top = None
-        if topk:
-            v, i = out.logits.float().topk(topk, dim=-1)
-            top = (v.cpu().numpy(), i.cpu().numpy().astype(np.int32))
-        return states, top
+        states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]) for k in layers]
+        top = out.logits.float().topk(topk, dim=-1) if topk else None
+        return states, (tuple(top) if top is not None else None)
+
+
+def image_tokens(model) -> tuple[int, int, int]:
+    """(image tokens per image, patch grid side, patch offset) from the teacher's own vision tower and
+    config: the tower's positions (patches, plus 1 for a CLIP CLS; SigLIP has none) less the token the
+    "default" strategy drops. What its processor expands <image> to, for CLIP and SigLIP towers alike."""
+    cfg = model.config
+    vc = cfg.vision_config
+    grid = vc.image_size // vc.patch_size
+    emb = [m for m in model.model.vision_tower.modules() if hasattr(m, "num_positions") and hasattr(m, "patch_size")]
+    positions = int(emb[0].num_positions) if emb else grid * grid
+    extra = positions - grid * grid  # leading non-patch tokens (CLS)
+    drop = 1 if cfg.vision_feature_select_strategy == "default" else 0
+    return positions - drop, grid, extra - drop
 
 
 def answer_spans(text: str, answers: list[str]) -> list[tuple[int, int]]:

@@ -5,11 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from bonsai_mlx import loading, lora
 from bonsai_mlx.conversion.sources import DTYPES
 from bonsai_mlx.quantize import dequantize_weights, quantize_weights
 from bonsai_mlx.weights import save_weights
+
+
+def check_projector(path: Path, proj: dict, model) -> None:
+    """A projector file must hold exactly the model's projector tensors, at their shapes (a partial or
+    quantised one would otherwise be half-applied and the fused model refused later, or worse, not)."""
+    want = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters()) if k.startswith("multi_modal_projector.")}
+    got = {k: tuple(v.shape) for k, v in proj.items()}
+    for k in sorted(set(want) | set(got)):
+        if k not in got:
+            raise ValueError(f"{path}: lacks {k} {want[k]}; expected the projector's {len(want)} tensors")
+        if k not in want:
+            raise ValueError(f"{path}: {k} is not a tensor of this model's projector (expected {sorted(want)})")
+        if got[k] != want[k]:
+            raise ValueError(f"{path}: {k} has shape {list(got[k])}, this model's projector needs {list(want[k])}")
 
 
 def fuse(
@@ -36,8 +51,10 @@ def fuse(
         n = lora.load_adapter(model, ad)
         notes.append(f"{lora.fuse_lora(model)} of {n} LoRA layers merged")
     if has_proj:
-        proj = loading.sanitize(mx.load(str(ad / "projector.safetensors")), config)
-        model.load_weights(list(proj.items()), strict=False)
+        path = ad / "projector.safetensors"
+        proj = loading.sanitize(mx.load(str(path)), config)
+        check_projector(path, proj, model)
+        model.load_weights(list(proj.items()), strict=False)  # the projector's tensors only: checked just above
         notes.append("projector replaced")
     out_dtype = DTYPES[dtype] if dtype else loading.stored_dtype(base_dir)
     w = loading.hf_state(model, out_dtype)

@@ -5,7 +5,9 @@ Pure Python/NumPy: `train_cuda.extract` (PyTorch) and `bonsai_mlx` (MLX) share i
 Text: both models read the same answer text. A causal LM's state at a token summarises the text up
 to that token's end, so a teacher position and a student position describe the same thing when
 their tokens end at the same character of that text. Image: the teacher's patch grid (e.g. 24x24)
-is average-pooled onto the student's (e.g. 14x14), so unit k pairs with student patch k.
+is area-pooled onto the student's (e.g. 14x14) so that unit k covers the region of the image that student
+patch k sees: the teacher (LLaVA-1.5) pads the image to a square, the student (SigLIP) stretches it, and
+`grid_weights` maps each student patch's region into the padded teacher grid.
 """
 
 from __future__ import annotations
@@ -38,33 +40,61 @@ def text_units(t_offsets, t_span, s_offsets, s_span) -> list[tuple[int, int]]:
     return [(t_end[c], s_end[c]) for c in sorted(set(t_end) & set(s_end))]
 
 
-def _pool_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) averaging weights of adaptive average pooling (PyTorch's bin edges)."""
+def axis_weights(src: int, dst: int, length: int | None = None, offset: int = 0, side: int | None = None) -> np.ndarray:
+    """(dst, src) area weights: student cell i of an axis `length` pixels long, pasted at `offset` in a square
+    of `side` pixels that the teacher's `src` cells tile, averages the teacher cells it overlaps.
+
+    The student stretches the image over its grid; the teacher sees it padded to a square. Each row sums to 1.
+    Without `length` both see the same square (plain area pooling)."""
+    if length is None:
+        length, offset, side = src, 0, src
+    side = side or length
     m = np.zeros((dst, src), dtype=np.float64)
+    t_edges = np.arange(src + 1) * (side / src)
     for i in range(dst):
-        a, b = (i * src) // dst, -((-(i + 1) * src) // dst)
-        m[i, a:b] = 1.0 / (b - a)
+        lo, hi = offset + i * length / dst, offset + (i + 1) * length / dst
+        m[i] = np.clip(np.minimum(t_edges[1:], hi) - np.maximum(t_edges[:-1], lo), 0, None) / (hi - lo)
     return m
 
 
-def pool_grid(x: np.ndarray, src: int, dst: int) -> np.ndarray:
-    """(src*src, D) patch states on a src x src grid -> (dst*dst, D), row-major like the patch order."""
+def grid_weights(src: int, dst: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) weights mapping a teacher `src` x `src` grid over the padded square image onto the
+    student's `dst` x `dst` grid over the same image stretched; `size` = the original (width, height)."""
+    if size is None:
+        w = axis_weights(src, dst)
+        return w, w
+    width, height = size
+    side, left, top = square_box(width, height)
+    return axis_weights(src, dst, height, top, side), axis_weights(src, dst, width, left, side)
+
+
+def pool_grid(x: np.ndarray, src: int, dst: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(src*src, D) teacher patch states -> (dst*dst, D) states at the student's patches, row-major like the
+    patch order; `size` = the image's (width, height) when it is not square (see `grid_weights`)."""
     if x.shape[0] != src * src:
         raise ValueError(f"expected {src * src} patch states for a {src}x{src} grid, got {x.shape[0]}")
-    p = _pool_matrix(src, dst)
+    rows, cols = grid_weights(src, dst, size)
     g = x.reshape(src, src, -1).astype(np.float64)
-    out = np.einsum("ia,jb,abd->ijd", p, p, g)
+    t = np.tensordot(rows, g, axes=(1, 0))  # (dst, src, D): separable, two small matmuls
+    out = np.matmul(cols[None], t)  # (dst, dst, D)
     return out.reshape(dst * dst, -1).astype(x.dtype)
 
 
+def square_box(width: int, height: int) -> tuple[int, int, int]:
+    """(side, left, top): where `pad_to_square` pastes a width x height image."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
+
+
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (122, 116, 104)) -> Image.Image:
-    """LLaVA-1.5's pad-to-square (mean-colour borders), applied to both models' inputs so grids line up."""
+    """LLaVA-1.5's pad-to-square (mean-colour borders): what the teacher sees. The student stretches instead
+    (its SigLIP processor resizes), and `grid_weights` maps one onto the other."""
     w, h = img.size
     if w == h:
         return img
-    side = max(w, h)
+    side, left, top = square_box(w, h)
     out = Image.new(img.mode, (side, side), fill)
-    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    out.paste(img, (left, top))
     return out
 
 

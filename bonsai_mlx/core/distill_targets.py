@@ -14,20 +14,43 @@ from bonsai_mlx.core.teacher_cache import CacheReader, vocab_fingerprint
 def parse_layer_map(
     spec: str | None, teacher_layers: list[int], n_student: int, n_teacher: int | None = None
 ) -> list[tuple[int, int]]:
-    """ "-1:-1,16:12" -> [(-1, -1), (16, 12)]; default: each cached teacher layer to the same relative depth."""
+    """ "-1:-1,16:12" -> [(-1, -1), (16, 12)]; default: each cached teacher layer to the same relative depth.
+
+    Indices are `hidden_states` indices (0 = embeddings, n = last layer, negative from the end). Without the
+    teacher's depth `n_teacher` (caches from before it was recorded) only -1 can be matched by default."""
     if spec:
         pairs = [tuple(int(x) for x in p.split(":")) for p in spec.split(",")]
     else:
         pairs = []
         for t in teacher_layers:
-            if t < 0 or not n_teacher:
-                pairs.append((t, t if t < 0 else min(t, n_student)))
+            if t == -1:
+                pairs.append((t, -1))
+            elif not n_teacher:
+                raise ValueError(
+                    f"teacher layer {t}: the cache does not record the teacher's depth, so its relative depth is "
+                    "unknown; name the pairs with --layer-map (e.g. -1:-1,16:12) or re-extract the cache"
+                )
             else:
-                pairs.append((t, round(t / n_teacher * n_student)))
+                at = t if t >= 0 else n_teacher + 1 + t
+                pairs.append((t, round(at / n_teacher * n_student)))
     missing = [t for t, _ in pairs if t not in teacher_layers]
     if missing:
         raise ValueError(f"--layer-map names teacher layer {missing[0]}, but the cache holds {teacher_layers}")
     return pairs
+
+
+def cache_layer_map(
+    spec: str | None, cache: CacheReader, n_student: int, student_grid: int | None = None
+) -> list[tuple[int, int]]:
+    """The layer map both trainers use: `spec`, else relative depth from the teacher depth the cache records.
+    With `student_grid`, also refuses a cache whose image targets were pooled for another patch grid."""
+    made_for = cache.manifest.get("student_grid")
+    if student_grid is not None and made_for is not None and made_for != student_grid:
+        raise ValueError(
+            f"{cache.root}: image targets were pooled onto a {made_for}x{made_for} student grid, this student has "
+            f"{student_grid}x{student_grid}; re-extract with --student-tokenizer for this model"
+        )
+    return parse_layer_map(spec, cache.layers, n_student, cache.manifest.get("teacher_layers"))
 
 
 def gather_targets(
@@ -52,8 +75,8 @@ def gather_targets(
         if e.image:
             img = np.nonzero(batch.input_ids[b] == image_token_id)[0]
             ipos += list(b * L + img)
-            for t in layers:
-                it[t].append(e.image[t][: len(img)])
+            for t in layers:  # the cache holds every student patch; a "default" student drops patch 0
+                it[t].append(e.image[t][len(e.image[t]) - len(img) :])
     out = {"text_pos": np.asarray(tpos, np.int32), "image_pos": np.asarray(ipos, np.int32)}
     if kl:
         k = int(cache.manifest.get("kl_topk", 1))

@@ -3,9 +3,12 @@
 Written once on a GPU by `train_cuda.extract`, read by both `train_cuda.distill` and
 `bonsai_mlx.train --stage distill` (NumPy only: no torch or mlx needed to read or write it).
 
-    CACHE/manifest.json            teacher, layers, normalisation, hidden size, grids, student tokenizer hash
+    CACHE/manifest.json            teacher (and its depth), layers, normalisation, hidden size, grids, student
+                                   tokenizer hash, and the inputs it was made from (data file hash, image root,
+                                   dtype, 4-bit, --max-samples): a resume with other inputs is refused
     CACHE/shard-00000.safetensors  "<id>/text/<layer>" (units, D) and "<id>/image/<layer>" (grid^2, D)
-    CACHE/shard-00000.json         <id> -> student/teacher positions of the text units (written last: marks done)
+    CACHE/shard-00000.json         {"planned": ids the shard was meant to hold, "entries": <id> -> positions
+                                   of the text units}; written last, it marks the shard done for those ids
     CACHE/pca.safetensors          with --pca K: per layer mean and K components; shards then hold K-dim
                                    coordinates and the reader maps them back to the hidden size
 """
@@ -22,14 +25,27 @@ import numpy as np
 
 from bonsai_mlx.core.io import atomic_write_text
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: shard .json = the entries alone, no planned ids (read, never resumed)
+# Inputs that may change between an extraction and its resume: shards whose planned ids differ are redone.
+RESUMABLE = ("max_samples",)
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """Changes whenever token ids would: vocabulary, added tokens and chat template."""
+def tokenizer_fingerprint(tok, chat_template: str | None = None) -> str:
+    """Changes whenever token ids would: vocabulary, added tokens and the chat template in use (pass the one
+    the processor renders with, e.g. from chat_template.jinja, when the tokenizer does not carry it)."""
     h = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode())
-    h.update((tok.chat_template or "").encode())
+    h.update((chat_template or tok.chat_template or "").encode())
     return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """{"path", "bytes", "sha256"} of an input file, so a cache knows what it was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path), "bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
 
 
 def vocab_fingerprint(tok) -> str:
@@ -83,9 +99,14 @@ class CacheWriter:
         manifest = {"format": FORMAT, "samples_per_shard": per_shard, **manifest}
         if mpath.is_file():
             old = json.loads(mpath.read_text())
-            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            diff = [k for k in set(manifest) | set(old) if old.get(k) != manifest.get(k) and k not in RESUMABLE]
             if diff:
-                raise ValueError(f"{mpath}: existing cache was made with different {diff[0]!r}; use a new --out")
+                raise ValueError(
+                    f"{mpath}: existing cache was made with different {sorted(diff)[0]!r} "
+                    f"({old.get(sorted(diff)[0])!r}, now {manifest.get(sorted(diff)[0])!r}); use a new --out"
+                )
+            if old != manifest:
+                atomic_write_text(mpath, json.dumps(manifest, indent=2))
         else:
             atomic_write_text(mpath, json.dumps(manifest, indent=2))
         self.manifest = manifest
@@ -113,10 +134,24 @@ class CacheWriter:
             a = (np.asarray(a, np.float32) - mean) @ comps.T
         return np.ascontiguousarray(a, dtype=np.float16)
 
-    def shard_done(self, k: int) -> bool:
-        return (self.root / f"shard-{k:05d}.json").is_file()
+    def shard_done(self, k: int, planned: list[str]) -> bool:
+        """Shard k was finished for exactly these sample ids (a changed --max-samples or data changes them)."""
+        path = self.root / f"shard-{k:05d}.json"
+        if not path.is_file():
+            return False
+        index = json.loads(path.read_text())
+        return isinstance(index.get("planned"), list) and index["planned"] == list(planned)
 
-    def write_shard(self, k: int, entries: dict[str, Entry]) -> None:
+    def keep_shards(self, n: int) -> None:
+        """Remove shards numbered n and above (left by an earlier run over more samples)."""
+        for path in self.root.glob("shard-*.json"):
+            k = int(path.stem.split("-")[1])
+            if k >= n:
+                path.unlink()  # the index first: a shard without it is not read
+                path.with_suffix(".safetensors").unlink(missing_ok=True)
+
+    def write_shard(self, k: int, entries: dict[str, Entry], planned: list[str] | None = None) -> None:
+        """Write shard k; `planned` = every id it was meant to hold (skipped ones included), for resume."""
         from safetensors.numpy import save_file
 
         if self.manifest.get("pca") and self.basis is None:
@@ -136,20 +171,21 @@ class CacheWriter:
         tmp = self.root / f".{name}.tmp.safetensors"
         save_file(tensors, str(tmp))
         os.replace(tmp, self.root / f"{name}.safetensors")
-        atomic_write_text(self.root / f"{name}.json", json.dumps(index))
+        planned = list(entries) if planned is None else list(planned)
+        atomic_write_text(self.root / f"{name}.json", json.dumps({"planned": planned, "entries": index}))
 
 
 class CacheReader:
-    def __init__(self, root: str | Path, student_tokenizer=None):
+    def __init__(self, root: str | Path, student_tokenizer=None, chat_template: str | None = None):
         self.root = Path(root)
         mpath = self.root / "manifest.json"
         if not mpath.is_file():
             raise FileNotFoundError(f"{mpath}: not found (make the cache with python -m train_cuda.extract)")
         self.manifest = json.loads(mpath.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {FORMAT}")
+        if self.manifest.get("format") not in READS:
+            raise ValueError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {READS}")
         if student_tokenizer is not None:
-            fp = tokenizer_fingerprint(student_tokenizer)
+            fp = tokenizer_fingerprint(student_tokenizer, chat_template)
             if fp != self.manifest["student_tokenizer"]:
                 raise ValueError(
                     f"{self.root}: cache was aligned to a different student tokenizer "
@@ -159,7 +195,10 @@ class CacheReader:
         self.layers = [int(x) for x in self.manifest["layers"]]
         self.where: dict[str, tuple[Path, dict]] = {}
         for j in sorted(self.root.glob("shard-*.json")):
-            for sid, meta in json.loads(j.read_text()).items():
+            index = json.loads(j.read_text())
+            if self.manifest["format"] >= 2:
+                index = index["entries"]
+            for sid, meta in index.items():
                 self.where[sid] = (j.with_suffix(".safetensors"), meta)
         self._open: dict[Path, object] = {}
         self.basis = _read_basis(self.root) if self.manifest.get("pca") else None

@@ -84,7 +84,8 @@ def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys)
     st = t.hidden_states([plan.t_ids], px, [-1])[0][0][0]
     np.testing.assert_allclose(e.text[-1], st[[a for a, _ in plan.pairs]], atol=2e-3)
     img_pos = [i for i, x in enumerate(plan.t_ids) if x == t.image_token_id]
-    np.testing.assert_allclose(e.image[-1], pool_grid(st[img_pos], t.grid, s_grid), atol=2e-3)
+    patches = st[img_pos][t.patch_offset :]
+    np.testing.assert_allclose(e.image[-1], pool_grid(patches, t.grid, s_grid, (60, 40)), atol=2e-3)
     # the student positions point at tokens that end the same answer characters
     assert all(proc.image_token_id != sid for sid in e.text_student_pos)
     assert messages_of(rec)
@@ -182,3 +183,101 @@ def test_kl_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
     at = [e.text_teacher_pos[k] for k in e.kl_units]
     np.testing.assert_array_equal(e.topk_ids, ids[0, at])
     np.testing.assert_allclose(e.topk_logits, vals[0, at], atol=1e-2)
+
+
+def test_manifest_records_the_inputs_and_the_teachers_depth(teacher_dir, pico_dir, data, tmp_path):
+    _extract(teacher_dir, pico_dir, data, tmp_path / "cache", "--max-samples", "4")
+    m = CacheReader(tmp_path / "cache").manifest
+    assert m["teacher_layers"] == 2 and m["layers"] == [-1, 1] and m["max_samples"] == 4
+    assert m["data"]["bytes"] == (data / "d.json").stat().st_size and len(m["data"]["sha256"]) == 64
+    assert m["image_root"] == str((data / "img").resolve()) and m["load_4bit"] is False
+    assert m["teacher_dtype"] == "float32"
+
+
+def test_resume_after_a_changed_max_samples_redoes_the_shards_that_changed(teacher_dir, pico_dir, data, tmp_path):
+    """A smoke run over 3 samples then the full run: shard 1 held only s2; it must be redone with s2 and s3."""
+    out = tmp_path / "cache"
+    _extract(teacher_dir, pico_dir, data, out, "--max-samples", "3")
+    assert len(CacheReader(out)) == 3
+    first = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    _extract(teacher_dir, pico_dir, data, out)
+    cache = CacheReader(out)
+    assert sorted(cache.where) == ["s0", "s1", "s2", "s3", "s4", "t"]
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first  # unchanged shard kept
+    _extract(teacher_dir, pico_dir, data, out, "--max-samples", "2")  # and back down: no stale shards left
+    assert sorted(CacheReader(out).where) == ["s0", "s1"]
+
+
+def test_resume_with_another_data_file_is_refused(teacher_dir, pico_dir, data, tmp_path, capsys):
+    out = tmp_path / "cache"
+    _extract(teacher_dir, pico_dir, data, out, "--max-samples", "2")
+    recs = json.loads((data / "d.json").read_text())
+    recs[0]["conversations"][1]["value"] = "The square is green."
+    (data / "d.json").write_text(json.dumps(recs))
+    with pytest.raises(SystemExit):
+        _extract(teacher_dir, pico_dir, data, out, "--max-samples", "2")
+    assert "made with different 'data'" in capsys.readouterr().err
+
+
+def test_id_less_records_are_all_cached_under_the_ids_the_trainers_use(teacher_dir, pico_dir, data, tmp_path):
+    from bonsai_mlx.core.records import Dataset, read_records
+
+    recs = json.loads((data / "d.json").read_text())
+    for r in recs:
+        r.pop("id")
+    (data / "d.json").write_text(json.dumps(recs))
+    _extract(teacher_dir, pico_dir, data, tmp_path / "cache")
+    cache = CacheReader(tmp_path / "cache")
+    assert len(cache) == 6
+    proc = Processor(pico_dir, PicoConfig.load(pico_dir))
+    ds = Dataset.build(read_records(str(data / "d.json")), proc, str(data / "img"), 512)
+    assert len(ds.examples) == 6 and all(e.id in cache for e in ds.examples)
+
+
+def test_the_student_fingerprint_covers_a_chat_template_jinja(pico_dir, tmp_path):
+    """A template the tokenizer does not carry (chat_template.jinja beside it) still keys the cache."""
+    import shutil
+
+    from bonsai_mlx.core.teacher_cache import tokenizer_fingerprint
+
+    template = Processor(pico_dir, PicoConfig.load(pico_dir)).chat_template
+    procs = []
+    for name, extra in (("a", ""), ("b", "{# changed #}")):
+        d = tmp_path / name
+        shutil.copytree(pico_dir, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        for f in ("chat_template.json", "chat_template.jinja"):
+            (d / f).unlink(missing_ok=True)
+        (d / "chat_template.jinja").write_text(template + extra)
+        procs.append(Processor(d, PicoConfig.load(d)))
+    a, b = procs
+    assert b.chat_template.endswith("{# changed #}") and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    assert tokenizer_fingerprint(b.tokenizer, b.chat_template) != tokenizer_fingerprint(a.tokenizer, a.chat_template)
+
+
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_a_siglip_teacher_counts_its_own_image_tokens(tmp_path, data, pico_dir, strategy):
+    """A Pico (SigLIP: no CLS) as the teacher: 'full' keeps grid^2 tokens, 'default' grid^2 - 1 (patch 0
+    dropped, filled from its neighbour); extraction works with either."""
+    from helpers import make_hf_pico
+
+    t_dir = make_hf_pico(tmp_path / "siglip-teacher", strategy=strategy, image_size=48)
+    t = Teacher.load(str(t_dir))
+    assert t.grid == 6 and t.num_image_tokens == (36 if strategy == "full" else 35)
+    assert t.patch_offset == (0 if strategy == "full" else -1)
+    assert _extract(t_dir, pico_dir, data, tmp_path / "cache", "--max-samples", "2") == 0
+    s_grid = PicoConfig.load(pico_dir).vision.grid
+    assert CacheReader(tmp_path / "cache").get("s0").image[-1].shape == (s_grid * s_grid, 64)
+
+
+def test_right_padding_without_a_mask_leaves_the_real_positions_unchanged(teacher_dir):
+    """The teacher runs with no dense attention mask (SDPA's flash kernel): causal attention alone keeps the
+    states of a short sample in a padded batch equal to its states alone."""
+    t = Teacher.load(str(teacher_dir))
+    short, long = [5, 6, 7, 8], [5, 9, 10, 11, 12, 13, 14, 15]
+    alone = t.hidden_states([short], None, [-1, 1])[0]
+    batched = t.hidden_states([short, long], None, [-1, 1])[0]
+    for a, b in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(b[0, : len(short)], a[0], atol=1e-5)

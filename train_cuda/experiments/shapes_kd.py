@@ -39,6 +39,7 @@ class Setup:
     batch_size: int = 32
     alpha: float = 0.5
     layers: str = "-1,2"  # teacher hidden_states taken (the student gets the same relative depths)
+    aspect: str = "mixed"  # "mixed": images stretched to 2:1 and 1:2 in turn (the geometry real photos have)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
@@ -57,6 +58,9 @@ def run(s: Setup) -> dict:
     if not (data / "eval.json").is_file():
         _log(f"drawing {s.n_train} training and {s.n_eval} held-out samples")
         synthetic.export(data, s.n_train, s.n_eval, seed=0, size=DEFAULT_DATA["image_size"])
+    if s.aspect == "mixed" and not (data / "non_square.json").is_file():
+        n = make_non_square(data / "images")
+        atomic_write_text(data / "non_square.json", json.dumps({"images": n}))
     train = json.loads((data / "train.json").read_text())
     held = json.loads((data / "eval.json").read_text())
     small = data / "student_share.json"
@@ -101,7 +105,7 @@ def run(s: Setup) -> dict:
                 _train_student(s, init, small, images, run_dir, seed, cache if arm == "distill" else None)
                 _score(run_dir, data / "eval.json", images)
             rows.append({"arm": arm, "seed": seed, **json.loads((run_dir / "heldout.json").read_text())})
-    summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows}
+    summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows, "layer_map": _layer_map(cache, init)}
     for arm in ("ce", "distill"):
         accs = [r["overall"] for r in rows if r["arm"] == arm]
         summary[arm] = {"mean": statistics.mean(accs), "stdev": statistics.pstdev(accs), "each": accs}
@@ -110,11 +114,37 @@ def run(s: Setup) -> dict:
     return summary
 
 
+def make_non_square(images: Path) -> int:
+    """Stretch every drawn (square) image to 2:1 or 1:2 in turn. The answers stay true (colours, counts and
+    left/right/top/bottom survive a stretch), and the teacher (padding) and the student (stretching) now see
+    the image differently, as with real photos."""
+    from PIL import Image
+
+    paths = sorted(images.glob("*.png"))
+    for i, p in enumerate(paths):
+        im = Image.open(p).convert("RGB")
+        w, h = im.size
+        if w != h:
+            continue
+        im.resize((2 * w, h) if i % 2 == 0 else (w, 2 * h), Image.BICUBIC).save(p)
+    return len(paths)
+
+
 def _mlx(module: str, *args: str) -> None:
     """Run an MLX-side command in its own process (this one holds PyTorch)."""
     r = subprocess.run([sys.executable, "-m", module, *args])
     if r.returncode != 0:
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {r.returncode})")
+
+
+def _layer_map(cache: Path, init: Path) -> str:
+    """The teacher:student pairs the distilled students trained with (relative depth from the cache)."""
+    from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.distill_targets import cache_layer_map
+    from bonsai_mlx.core.teacher_cache import CacheReader
+
+    pairs = cache_layer_map(None, CacheReader(cache), PicoConfig.load(init).text.num_hidden_layers)
+    return ",".join(f"{t}:{s}" for t, s in pairs)
 
 
 def _train_student(s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache) -> None:
@@ -141,7 +171,10 @@ def report(summary: dict) -> str:
         f"Teacher (LLaVA-1.5 shape: CLIP 6x6 grid + Llama {s['teacher_layers']}x{s['teacher_hidden']}, own "
         f"tokenizer) trained on {s['n_train']} samples: held-out exact match **{summary['teacher']:.1%}**.",
         f"Students: the embedded default's tiny Pico from scratch on {n_small} samples, {s['student_steps']} "
-        f"steps, batch {s['batch_size']}; distilled with alpha {s['alpha']} on teacher layers {s['layers']}.",
+        f"steps, batch {s['batch_size']}; distilled with alpha {s['alpha']} on teacher layers {s['layers']} "
+        f"(student layers at the same relative depth: {summary.get('layer_map', '?')}).",
+        f"Images: {'stretched to 2:1 and 1:2 in turn' if s.get('aspect') == 'mixed' else 'square'} (teacher pads "
+        "to a square, student stretches; targets pooled by region).",
         "",
         "| seed | CE only | distilled |",
         "|---|---|---|",
@@ -164,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("out", "n_train", "share", "n_eval", "teacher_steps", "student_steps", "alpha", "layers"):
         v = getattr(d, f)
         ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    ap.add_argument(
+        "--aspect", choices=("mixed", "square"), default=d.aspect, help="mixed: images stretched to 2:1 and 1:2 in turn"
+    )
     ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 

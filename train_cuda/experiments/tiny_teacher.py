@@ -147,15 +147,20 @@ def encode(teacher, rec: dict, image_root: str | None) -> tuple[list[int], list[
 
 
 def _batches(teacher, samples: list, batch_size: int):
+    """(ids, labels, mask, pixel values) on the teacher's device (a GPU when there is one)."""
     import torch
 
+    dev = teacher.device
     pad = teacher.tokenizer.pad_token_id or 0
     L = max(len(s[0]) for s in samples)
-    ids = torch.tensor([s[0] + [pad] * (L - len(s[0])) for s in samples])
-    labels = torch.tensor([s[1] + [-100] * (L - len(s[1])) for s in samples])
-    mask = torch.tensor([[1] * len(s[0]) + [0] * (L - len(s[0])) for s in samples])
+    ids = torch.tensor([s[0] + [pad] * (L - len(s[0])) for s in samples], device=dev)
+    labels = torch.tensor([s[1] + [-100] * (L - len(s[1])) for s in samples], device=dev)
+    mask = torch.tensor([[1] * len(s[0]) + [0] * (L - len(s[0])) for s in samples], device=dev)
     images = [s[2] for s in samples if s[2] is not None]
-    pv = torch.tensor(np.concatenate([teacher.pixel_values(im) for im in images])) if images else None
+    pv = None
+    if images:
+        px = np.concatenate([teacher.pixel_values(im) for im in images])
+        pv = torch.tensor(px, device=dev, dtype=teacher.model.dtype)
     return ids, labels, mask, pv
 
 
@@ -175,7 +180,7 @@ def train(
     from train_cuda.teacher import Teacher
 
     torch.manual_seed(seed)
-    teacher = Teacher.load(str(model_dir))
+    teacher = Teacher.load(str(model_dir), dtype="float32")  # trained in float32, on the GPU when there is one
     model = teacher.model.train()
     samples = [encode(teacher, r, image_root) for r in records]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
