@@ -69,9 +69,10 @@ class Turn:
     text: str
     images: list[bytes] = field(default_factory=list)
 
-    def content(self) -> str:
-        """The string form the Pico template renders: images first, as llava-hf's templates put them."""
-        return f"{IMAGE}\n" * len(self.images) + self.text
+    def content(self) -> list[dict]:
+        """The typed parts a chat session takes (images first, as llava-hf's templates put them); the text stays
+        literal, so `<image>` typed in it is never an image slot."""
+        return [{"type": "image"}] * len(self.images) + [{"type": "text", "text": self.text}]
 
 
 # -- request parsing -----------------------------------------------------------------------------------
@@ -251,9 +252,9 @@ class Engine:
         return s
 
     def prompt_tokens(self, req: ChatRequest) -> int:
-        msgs = [{"role": "system", "content": req.system}] if req.system else []
+        msgs = [{"role": "system", "content": [{"type": "text", "text": req.system}]}] if req.system else []
         msgs += [{"role": t.role, "content": t.content()} for t in req.turns]
-        return len(self.processor.encode(msgs))
+        return len(self.processor.encode_chat(msgs))
 
     def check(self, req: ChatRequest) -> int:
         """The max_tokens to use; a prompt that leaves no room in the context is refused (400)."""

@@ -26,7 +26,8 @@ def test_only_the_full_size_picos_language_model_is_nf4():
     # the old skip list (bare names) left the vision tower and the projector to bitsandbytes
     old = nf4_config(torch.bfloat16)
     old.llm_int8_skip_modules = ["lm_head", "multi_modal_projector", "vision_tower"]
-    assert len(nf4_module_names(model, old)) == 244
+    # (244 on the H100 run, whose Pico still had SigLIP's pooling head; Picos are written without it now)
+    assert len(nf4_module_names(model, old)) == 24 * 7 + 12 * 6 + 2
 
 
 def test_the_teachers_vision_tower_and_projector_stay_float_in_4bit():
