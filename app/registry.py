@@ -8,6 +8,8 @@ import threading
 import weakref
 from pathlib import Path
 
+from bonsai_mlx.core.errors import UserError
+
 DEFAULT_PLACES = ("runs/shapes/model", "models")
 
 
@@ -61,7 +63,7 @@ class Registry:
     def load(self, name: str):
         """As `get`, for a caller that holds `lock`."""
         if name not in self.models:
-            raise ValueError(f"unknown model {name!r}")
+            raise UserError(f"unknown model {name!r}")
         if self.name != name:
             import mlx.core as mx
 

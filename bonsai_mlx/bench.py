@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bonsai_mlx.core.errors import UserError
+
 PROMPT = (
     "Describe this picture in detail: which objects do you see, what colours and shapes do they have, "
     "and where are they placed relative to each other?"
@@ -75,7 +77,7 @@ def variant_dir(base: Path, variant: str) -> Path:
         return base
     kinds = {"8bit": (8, False), "4bit": (4, False), "4bit-vision": (4, True)}
     if variant not in kinds:
-        raise ValueError(f"--variants: unknown {variant!r} (choose from float, {', '.join(kinds)})")
+        raise UserError(f"--variants: unknown {variant!r} (choose from float, {', '.join(kinds)})")
     bits, vision = kinds[variant]
     d = base.with_name(f"{base.name}-{variant}")
     if not (d / "config.json").is_file():

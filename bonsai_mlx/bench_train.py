@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bonsai_mlx.core.errors import UserError
+
 
 def work(batch: int, tokens: int, ckpt: bool, steps: int, model_dir: str | None = None) -> dict:
     import mlx.core as mx
@@ -163,7 +165,7 @@ def engines(choice: str) -> list[str]:
         names = [e for e in choice.split(",") if e]
         bad = [e for e in names if e not in ("mlx", "train_cuda")]
         if bad or not names:
-            raise ValueError(f"--engines: expected auto or a list of mlx, train_cuda, got {choice!r}")
+            raise UserError(f"--engines: expected auto or a list of mlx, train_cuda, got {choice!r}")
         return names
     return ["mlx", "train_cuda"] if cuda_present() else ["mlx"]
 

@@ -13,6 +13,7 @@ import mlx.nn as nn
 from bonsai_mlx.core.align import FEAT_LOSSES
 from bonsai_mlx.core.batching import Batch
 from bonsai_mlx.core.distill_targets import cache_layer_map, check_kl, gather_targets
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.teacher_cache import CacheReader
 
 
@@ -38,7 +39,7 @@ def distance(pred: mx.array, target: mx.array, kind: str = "mse") -> mx.array:
         norms = mx.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
         return (1 - dot / mx.maximum(norms, 1e-8)).mean()
     if kind != "mse":
-        raise ValueError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
+        raise UserError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
     return ((pred - target) ** 2).mean()
 
 
@@ -77,7 +78,7 @@ def alpha_at(alpha: float, alpha_end: float | None, frac: mx.array | float) -> m
 def setup_distill(cfg, model, proc, train):
     """(aligners, loss fn, batch augmenter) for the Trainer; drops samples the cache lacks."""
     if not cfg.teacher_cache:
-        raise ValueError("--stage distill needs --teacher-cache (made by python -m train_cuda.extract)")
+        raise UserError("--stage distill needs --teacher-cache (made by python -m train_cuda.extract)")
     cache = CacheReader(cfg.teacher_cache, proc.tokenizer, proc.chat_template)
     missing = [e.id for e in train.examples if e.id not in cache]
     if missing:
@@ -86,7 +87,7 @@ def setup_distill(cfg, model, proc, train):
         )
         train.examples = [e for e in train.examples if e.id in cache]
     if cfg.feat_loss not in FEAT_LOSSES:
-        raise ValueError(f"feat_loss must be one of {', '.join(FEAT_LOSSES)}, got {cfg.feat_loss!r}")
+        raise UserError(f"feat_loss must be one of {', '.join(FEAT_LOSSES)}, got {cfg.feat_loss!r}")
     if cfg.kl:
         check_kl(cache, proc.tokenizer)
     n_student = len(model.language_model.model.layers)

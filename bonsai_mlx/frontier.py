@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from bonsai_mlx.core.errors import UserError
+
 DEFAULT_VARIANTS = "fp16,8bit,4bit,prune0.75,prune0.75+4bit"
 
 
@@ -30,9 +32,9 @@ def parse_variant(spec: str) -> tuple[float | None, int | None]:
             try:
                 keep = float(part[len("prune") :])
             except ValueError:
-                raise ValueError(f"--variants: {spec!r}: prune needs a keep ratio, e.g. prune0.75") from None
+                raise UserError(f"--variants: {spec!r}: prune needs a keep ratio, e.g. prune0.75") from None
         else:
-            raise ValueError(f"--variants: unknown part {part!r} in {spec!r} (fp16, 8bit, 4bit, prune<keep>)")
+            raise UserError(f"--variants: unknown part {part!r} in {spec!r} (fp16, 8bit, 4bit, prune<keep>)")
     return keep, bits
 
 

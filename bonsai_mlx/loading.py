@@ -9,6 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.hf_files import write_engine_files
 from bonsai_mlx.core.hub import resolve
 from bonsai_mlx.model import Pico
@@ -94,15 +95,13 @@ def check_weights(model: Pico, weights: dict[str, mx.array], where: Path) -> Non
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
-        raise ValueError(f"{where}: weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")
+        raise UserError(f"{where}: weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")
     extra = sorted(set(weights) - set(expected))
     if extra:
-        raise ValueError(f"{where}: weights have {len(extra)} tensors the config does not describe, e.g. {extra[0]}")
+        raise UserError(f"{where}: weights have {len(extra)} tensors the config does not describe, e.g. {extra[0]}")
     for k, v in expected.items():
         if weights[k].shape != v.shape:
-            raise ValueError(
-                f"{where}: tensor {k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}"
-            )
+            raise UserError(f"{where}: tensor {k} has shape {tuple(weights[k].shape)}, config implies {tuple(v.shape)}")
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:

@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.model import Pico
 
 
@@ -36,7 +37,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         for name, v in (("--mlp-keep", self.mlp_keep), ("--heads-keep", self.heads_keep)):
             if not 0.0 < v <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {v}")
+                raise UserError(f"{name} must be in (0, 1], got {v}")
 
 
 class _Energy(nn.Module):
@@ -93,7 +94,7 @@ def calibration_scores(model: Pico, proc, records: list[dict], image_root: str |
     try:
         ds = Dataset.build(records, proc, image_root, max_length=2048)
         if not ds.examples:
-            raise ValueError("no usable calibration samples (see the skipped ids above)")
+            raise UserError("no usable calibration samples (see the skipped ids above)")
         pad = proc.tokenizer.pad_token_id or 0
         for i in tqdm(range(0, len(ds.examples), batch_size), desc="calibrating", unit="batch"):
             batch = to_mx(collate(ds.examples[i : i + batch_size], proc, pad))
@@ -125,7 +126,7 @@ def _take(lin: nn.Linear, idx: np.ndarray, axis: int) -> None:
 def prune(model: Pico, cfg: PruneConfig, proc=None, records: list[dict] | None = None) -> dict:
     """Prune `model` in place and update its config. Returns what was kept."""
     if model.config.quantization:
-        raise ValueError("prune the float checkpoint, then quantize it (convert to-mlx --quantize 4)")
+        raise UserError("prune the float checkpoint, then quantize it (convert to-mlx --quantize 4)")
     t = model.config.text
     head_dim = t.attention_head_dim
     width, groups = kept_counts(cfg, t.intermediate_size, t.num_key_value_heads)

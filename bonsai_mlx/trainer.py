@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 from bonsai_mlx import lora
 from bonsai_mlx.checkpoint import load_checkpoint, save_checkpoint
 from bonsai_mlx.core.batching import Batch, BatchSchedule, collate, prefetch
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.records import Dataset
 from bonsai_mlx.core.train_config import STAGES, TrainConfig
 from bonsai_mlx.loss import ce_at, forward_states, to_mx
@@ -28,7 +29,7 @@ from bonsai_mlx.model import Pico
 def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
     """Freeze per stage: align = projector; instruct/distill = projector + LoRA; full = everything."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+        raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     if cfg.stage == "full":
         model.unfreeze()
     else:
@@ -73,7 +74,7 @@ class Trainer:
         if self.world > 1 and self.rank == 0:
             print(f"data-parallel over {self.world} processes")
         if not train.examples:
-            raise ValueError("no usable training samples (" + train.summary() + ")")
+            raise UserError("no usable training samples (" + train.summary() + ")")
         self.schedule = BatchSchedule(
             [len(e.ids) for e in train.examples], cfg.batch_size, cfg.seed, cfg.group_by_length, self.rank, self.world
         )

@@ -15,6 +15,7 @@ import numpy as np
 
 from bonsai_mlx.core.align import grid_weights, text_units
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
@@ -193,7 +194,7 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
 def refuse_kl_unless_shared(teacher_tok, student_tok, flag: str) -> None:
     """Logit KL compares distributions over token ids: meaningless unless both models share the vocabulary."""
     if vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tok):
-        raise ValueError(
+        raise UserError(
             f"{flag}: the teacher's vocabulary ({len(teacher_tok):,} tokens) and the student's ({len(student_tok):,}) "
             "differ, so their next-token distributions cannot be compared; distil with the feature loss alone"
         )

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonsai_mlx.core.align import FEAT_LOSSES
+from bonsai_mlx.core.errors import UserError
 
 
 class Aligners(nn.Module):
@@ -23,7 +24,7 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> tor
         norms = torch.sqrt((pred * pred).sum(-1) * (target * target).sum(-1))
         return (1 - dot / norms.clamp_min(1e-8)).mean()
     if kind != "mse":
-        raise ValueError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
+        raise UserError(f"feature loss must be one of {', '.join(FEAT_LOSSES)}, got {kind!r}")
     return ((pred - target) ** 2).mean()
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from bonsai_mlx.core.align import FEAT_LOSSES
 from bonsai_mlx.core.batching import BatchSchedule, collate, prefetch
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import Dataset, read_records
@@ -271,18 +272,18 @@ def load_checkpoint(out: Path, acc, step_module, opt, sched, a) -> tuple[int, in
 
     latest = out / "checkpoints" / "latest"
     if not latest.is_file():
-        raise FileNotFoundError(f"{out}: no checkpoints/latest to resume from (--resume continues a run in --out)")
+        raise InputNotFound(f"{out}: no checkpoints/latest to resume from (--resume continues a run in --out)")
     ck = out / "checkpoints" / latest.read_text().strip()
     state = json.loads((ck / "state.json").read_text())
     now = json.loads(json.dumps(vars(a), default=str))
     diff = [k for k in now if k not in RESUME_FREE and state["args"].get(k) != now[k]]
     if diff:
         k = diff[0]
-        raise ValueError(f"{ck}: --{k.replace('_', '-')} was {state['args'].get(k)!r}, now {now[k]!r}; resume as run")
+        raise UserError(f"{ck}: --{k.replace('_', '-')} was {state['args'].get(k)!r}, now {now[k]!r}; resume as run")
     saved = load_file(str(ck / "trainable.safetensors"))
     named = {n: p for n, p in step_module.named_parameters() if p.requires_grad}
     if set(saved) != set(named):
-        raise ValueError(f"{ck}: trainables differ from this setup's (e.g. {sorted(set(saved) ^ set(named))[0]})")
+        raise UserError(f"{ck}: trainables differ from this setup's (e.g. {sorted(set(saved) ^ set(named))[0]})")
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(saved[n].to(p.device, p.dtype))

@@ -11,6 +11,7 @@ import mlx.core as mx
 from bonsai_mlx import loading
 from bonsai_mlx.conversion.sources import cast, read_tensors
 from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig, pick_fields
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.hf_files import write_engine_files
 from bonsai_mlx.core.processing import IMAGE
 from bonsai_mlx.weights import save_weights
@@ -18,11 +19,11 @@ from bonsai_mlx.weights import save_weights
 
 def _json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
+        raise InputNotFound(f"{path}: not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{path}: not valid JSON ({e.msg})") from None
 
 
 def _vision(d: Path) -> tuple[dict, dict[str, mx.array]]:
@@ -30,7 +31,7 @@ def _vision(d: Path) -> tuple[dict, dict[str, mx.array]]:
     if cfg.get("model_type") == "siglip":
         cfg = cfg.get("vision_config") or {}
     elif cfg.get("model_type") != "siglip_vision_model":
-        raise ValueError(f"{d / 'config.json'}: model_type {cfg.get('model_type')!r}, expected a SigLIP checkpoint")
+        raise UserError(f"{d / 'config.json'}: model_type {cfg.get('model_type')!r}, expected a SigLIP checkpoint")
     cfg = {**cfg, "model_type": "siglip_vision_model"}
     w = {}
     for k, v in read_tensors(d).items():
@@ -42,14 +43,14 @@ def _vision(d: Path) -> tuple[dict, dict[str, mx.array]]:
     # SigLIP's pooling head (vision_model.head.*) is left out: Llava never uses it (vision_use_head: false).
     w = {k: v for k, v in w.items() if not k.startswith(loading.POOLING_HEAD)}
     if not w:
-        raise ValueError(f"{d}: no vision_model.* tensors found")
+        raise UserError(f"{d}: no vision_model.* tensors found")
     return cfg, w
 
 
 def _text(d: Path) -> tuple[dict, dict[str, mx.array]]:
     cfg = _json(d / "config.json")
     if cfg.get("model_type") != "qwen2":
-        raise ValueError(f"{d / 'config.json'}: model_type {cfg.get('model_type')!r}, expected 'qwen2'")
+        raise UserError(f"{d / 'config.json'}: model_type {cfg.get('model_type')!r}, expected 'qwen2'")
     w = {}
     for k, v in read_tensors(d).items():
         if k.startswith("model."):
@@ -125,7 +126,7 @@ def assemble(vision: str | Path, text: str | Path, out: str | Path, seed: int = 
     if (vdir / "preprocessor_config.json").is_file():
         shutil.copyfile(vdir / "preprocessor_config.json", out / "preprocessor_config.json")
     else:
-        raise FileNotFoundError(f"{vdir / 'preprocessor_config.json'}: not found (the SigLIP image processor)")
+        raise InputNotFound(f"{vdir / 'preprocessor_config.json'}: not found (the SigLIP image processor)")
     if (tdir / "generation_config.json").is_file():
         shutil.copyfile(tdir / "generation_config.json", out / "generation_config.json")
     write_engine_files(out, config)

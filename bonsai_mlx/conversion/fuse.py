@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from bonsai_mlx import loading, lora
 from bonsai_mlx.conversion.sources import DTYPES
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.quantize import dequantize_weights, quantize_weights
 from bonsai_mlx.weights import save_weights
 
@@ -20,11 +21,11 @@ def check_projector(path: Path, proj: dict, model) -> None:
     got = {k: tuple(v.shape) for k, v in proj.items()}
     for k in sorted(set(want) | set(got)):
         if k not in got:
-            raise ValueError(f"{path}: lacks {k} {want[k]}; expected the projector's {len(want)} tensors")
+            raise UserError(f"{path}: lacks {k} {want[k]}; expected the projector's {len(want)} tensors")
         if k not in want:
-            raise ValueError(f"{path}: {k} is not a tensor of this model's projector (expected {sorted(want)})")
+            raise UserError(f"{path}: {k} is not a tensor of this model's projector (expected {sorted(want)})")
         if got[k] != want[k]:
-            raise ValueError(f"{path}: {k} has shape {list(got[k])}, this model's projector needs {list(want[k])}")
+            raise UserError(f"{path}: {k} has shape {list(got[k])}, this model's projector needs {list(want[k])}")
 
 
 def fuse(
@@ -42,9 +43,7 @@ def fuse(
     has_lora = (ad / lora.ADAPTER_CONFIG).is_file()
     has_proj = (ad / "projector.safetensors").is_file()
     if not has_lora and not has_proj:
-        raise FileNotFoundError(
-            f"{ad}: no adapter_config.json or projector.safetensors (expected a training checkpoint)"
-        )
+        raise InputNotFound(f"{ad}: no adapter_config.json or projector.safetensors (expected a training checkpoint)")
     model, config = loading.load(base_dir, dtype=mx.float32)
     notes = []
     if has_lora:

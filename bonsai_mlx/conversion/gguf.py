@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.hf_files import list_aware, read_template
 from bonsai_mlx.core.io import CheckpointError
 
@@ -241,7 +242,7 @@ def to_gguf(src: str | Path, out_dir: str | Path, kind: str = "f16", quantizer: 
     from bonsai_mlx.conversion.hf_mlx import read_float
 
     if kind not in TYPES:
-        raise ValueError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
+        raise UserError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
     d, config, w = read_float(src)
     if config.text.tie_word_embeddings:
         w.pop("language_model.lm_head.weight", None)

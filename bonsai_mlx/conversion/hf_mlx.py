@@ -9,6 +9,7 @@ import mlx.core as mx
 from bonsai_mlx import loading
 from bonsai_mlx.conversion.sources import cast, read_tensors
 from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.errors import OutputExists, UserError
 from bonsai_mlx.quantize import dequantize_weights, quantize_weights
 from bonsai_mlx.weights import save_weights
 
@@ -49,7 +50,7 @@ def to_mlx(
     if bits:
         w, n = quantize_weights(w, bits=bits, group_size=group_size, vision=quantize_vision)
         if n == 0:
-            raise ValueError(f"{src}: no tensor has an input size divisible by group size {group_size}")
+            raise UserError(f"{src}: no tensor has an input size divisible by group size {group_size}")
         config.quantization = {"group_size": group_size, "bits": bits}
         note += f", {n} tensors quantized to {bits} bits (group {group_size})"
     _write(d, config, w, out)
@@ -66,7 +67,7 @@ def _write(src_dir: Path, config: PicoConfig, w: dict[str, mx.array], out: str |
     out = Path(out)
     if out.exists() and any(out.iterdir()) and out.resolve() != src_dir.resolve():
         if not (out / "config.json").is_file():
-            raise FileExistsError(f"{out}: exists and is not a model directory; refusing to write into it")
+            raise OutputExists(f"{out}: exists and is not a model directory; refusing to write into it")
     save_weights(out, w)
     config.save(out)
     loading.copy_processor_files(src_dir, out, config)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.records import IGNORE, Example
 
@@ -39,7 +40,7 @@ class BatchSchedule:
         self.rank, self.world = rank, world
         self.per_epoch = len(lengths) // batch_size // world
         if self.per_epoch == 0:
-            raise ValueError(f"{len(lengths)} samples cannot fill one batch of {batch_size} per process")
+            raise UserError(f"{len(lengths)} samples cannot fill one batch of {batch_size} per process")
         self._epoch, self._order = -1, []
 
     def __getitem__(self, k: int) -> list[int]:

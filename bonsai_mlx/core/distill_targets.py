@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from bonsai_mlx.core.batching import Batch
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.teacher_cache import CacheReader, vocab_fingerprint
 
 
@@ -26,7 +27,7 @@ def parse_layer_map(
             if t == -1:
                 pairs.append((t, -1))
             elif not n_teacher:
-                raise ValueError(
+                raise UserError(
                     f"teacher layer {t}: the cache does not record the teacher's depth, so its relative depth is "
                     "unknown; name the pairs with --layer-map (e.g. -1:-1,16:12) or re-extract the cache"
                 )
@@ -35,7 +36,7 @@ def parse_layer_map(
                 pairs.append((t, round(at / n_teacher * n_student)))
     missing = [t for t, _ in pairs if t not in teacher_layers]
     if missing:
-        raise ValueError(f"--layer-map names teacher layer {missing[0]}, but the cache holds {teacher_layers}")
+        raise UserError(f"--layer-map names teacher layer {missing[0]}, but the cache holds {teacher_layers}")
     return pairs
 
 
@@ -46,7 +47,7 @@ def cache_layer_map(
     With `student_grid`, also refuses a cache whose image targets were pooled for another patch grid."""
     made_for = cache.manifest.get("student_grid")
     if student_grid is not None and made_for is not None and made_for != student_grid:
-        raise ValueError(
+        raise UserError(
             f"{cache.root}: image targets were pooled onto a {made_for}x{made_for} student grid, this student has "
             f"{student_grid}x{student_grid}; re-extract with --student-tokenizer for this model"
         )
@@ -92,9 +93,9 @@ def gather_targets(
 def check_kl(cache: CacheReader, student_tokenizer) -> None:
     """--kl needs a shared vocabulary and a cache that holds the teacher's logits; say which is missing."""
     if cache.manifest.get("teacher_vocab") != vocab_fingerprint(student_tokenizer):
-        raise ValueError(
+        raise UserError(
             f"--kl: the teacher ({cache.manifest['teacher']}) and the student do not share a vocabulary, so their "
             "next-token distributions cannot be compared; distil with the feature loss alone (drop --kl)"
         )
     if not cache.manifest.get("kl_topk"):
-        raise ValueError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --kl-topk K")
+        raise UserError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --kl-topk K")

@@ -8,7 +8,6 @@ anything else is a programming error and keeps its traceback. `BONSAI_DEBUG=1` p
 from __future__ import annotations
 
 import contextlib
-import linecache
 import os
 import sys
 import traceback
@@ -27,32 +26,14 @@ class InputNotFound(BonsaiError, FileNotFoundError):
     """A file or directory the user named does not exist."""
 
 
-_PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
-
-
-def _raised_by_project(e: BaseException) -> bool:
-    """True for `raise ValueError("...")` written in this project (a message meant for the user): the innermost
-    frame is one of our files and its line is a `raise` statement. A ValueError from a library, or a KeyError
-    from `d["x"]`, is not one."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    spec = tb.tb_frame.f_globals.get("__spec__")  # (`python -m pkg.mod` runs as __main__)
-    module = str(spec.name if spec is not None else tb.tb_frame.f_globals.get("__name__", ""))
-    if module.split(".")[0] not in _PACKAGES:
-        return False
-    return linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).lstrip().startswith("raise ")
+class OutputExists(BonsaiError, FileExistsError):
+    """An output path that is there already and must not be overwritten."""
 
 
 def is_user_error(e: BaseException) -> bool:
     if isinstance(e, BonsaiError):  # ConfigError, ImageError, CheckpointError, BadSample, UserError, ...
         return True
-    if isinstance(e, OSError) and e.filename is not None:  # the environment: a named file missing/unreadable
-        return True
-    # modules outside this layer still raise plain ValueError/FileNotFoundError with a user-facing message
-    return type(e) in (ValueError, FileNotFoundError, FileExistsError) and _raised_by_project(e)
+    return isinstance(e, OSError) and e.filename is not None  # the environment: a named file missing/unreadable
 
 
 def message(e: BaseException) -> str:

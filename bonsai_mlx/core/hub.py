@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bonsai_mlx.core.errors import InputNotFound
+
 
 def resolve(path_or_id: str | Path) -> Path:
     """A local directory as is; anything else is treated as a hub id and downloaded (safetensors only)."""
     p = Path(path_or_id).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise FileNotFoundError(f"{p}: is a file, expected a model directory")
+            raise InputNotFound(f"{p}: is a file, expected a model directory")
         return p
     if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_id}: no such model directory")
+        raise InputNotFound(f"{path_or_id}: no such model directory")
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]

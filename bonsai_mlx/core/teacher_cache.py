@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
 
 FORMAT = 2
@@ -80,7 +81,7 @@ class PcaFit:
     def finish(self, k: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(mean (D,), components (k, D), share of variance the k components keep)."""
         if self.n < 2:
-            raise ValueError("PCA needs states from at least two units: add more --pca-samples")
+            raise UserError("PCA needs states from at least two units: add more --pca-samples")
         mean = self.sum / self.n
         cov = self.outer / self.n - np.outer(mean, mean)
         val, vec = np.linalg.eigh(cov)
@@ -101,7 +102,7 @@ class CacheWriter:
             old = json.loads(mpath.read_text())
             diff = [k for k in set(manifest) | set(old) if old.get(k) != manifest.get(k) and k not in RESUMABLE]
             if diff:
-                raise ValueError(
+                raise UserError(
                     f"{mpath}: existing cache was made with different {sorted(diff)[0]!r} "
                     f"({old.get(sorted(diff)[0])!r}, now {manifest.get(sorted(diff)[0])!r}); use a new --out"
                 )
@@ -180,14 +181,14 @@ class CacheReader:
         self.root = Path(root)
         mpath = self.root / "manifest.json"
         if not mpath.is_file():
-            raise FileNotFoundError(f"{mpath}: not found (make the cache with python -m train_cuda.extract)")
+            raise InputNotFound(f"{mpath}: not found (make the cache with python -m train_cuda.extract)")
         self.manifest = json.loads(mpath.read_text())
         if self.manifest.get("format") not in READS:
-            raise ValueError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {READS}")
+            raise UserError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {READS}")
         if student_tokenizer is not None:
             fp = tokenizer_fingerprint(student_tokenizer, chat_template)
             if fp != self.manifest["student_tokenizer"]:
-                raise ValueError(
+                raise UserError(
                     f"{self.root}: cache was aligned to a different student tokenizer "
                     f"({self.manifest['student_tokenizer']} != {fp}); "
                     "re-extract with --student-tokenizer for this model"
@@ -203,7 +204,7 @@ class CacheReader:
         self._open: dict[Path, object] = {}
         self.basis = _read_basis(self.root) if self.manifest.get("pca") else None
         if self.manifest.get("pca") and self.basis is None:
-            raise ValueError(f"{self.root}: manifest says PCA but pca.safetensors is missing")
+            raise UserError(f"{self.root}: manifest says PCA but pca.safetensors is missing")
 
     def __contains__(self, sid: str) -> bool:
         return sid in self.where

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from bonsai_mlx.core.adapters import TARGETS
+from bonsai_mlx.core.errors import UserError
 
 STAGES = ("align", "instruct", "full", "distill")
 
@@ -55,5 +56,5 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown training option {unknown[0]!r}")
+            raise UserError(f"unknown training option {unknown[0]!r}")
         return cls(**d)
