@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import mlx.core as mx
 
 from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig
 from bonsai_mlx.core.io import atomic_write_text
@@ -73,6 +71,7 @@ def pico_config(vision: VisionConfig, text: TextConfig, image_token_index: int, 
 
 def init_weights(model, seed: int = 0, std: float = 0.02) -> None:
     """transformers-style init: N(0, std) matrices, zero biases, unit norms."""
+    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     mx.random.seed(seed)
@@ -120,3 +119,82 @@ def make_pico(
     init_weights(model, seed, init_std)
     loading.save(model, out)
     return model, config
+
+
+@dataclass
+class TinyRecipe:
+    """The sizes and init that make a from-scratch tiny Pico learn on 2 CPU cores (the embedded default's).
+
+    12px patches: on 48px images a 4x4 grid, 16 image tokens, which keeps steps cheap. transformers' 0.02 init is
+    sized for widths near 1000; at width 128 it leaves attention uniform for hundreds of steps. ~1/sqrt(width)
+    gives non-uniform attention from the start: measured on the embedded task, held-out exact match after 750
+    steps went from 56% to 72% (the position-keyed look-ups are learned early).
+    """
+
+    image_size: int = 48
+    patch_size: int = 12
+    width: int = 128  # hidden size of both the SigLIP tower and the Qwen2 LM
+    vision_layers: int = 3
+    layers: int = 4  # Qwen2 decoder layers
+    heads: int = 4
+    kv_heads: int = 2
+    mlp_ratio: int = 4
+    vocab_size: int = 400
+    max_positions: int = 512
+    init_std: float = 0.08
+
+    def check(self) -> None:
+        """Bad sizes as one-line errors, before anything is written."""
+        from bonsai_mlx.core.errors import UserError
+
+        for name in ("image_size", "patch_size", "width", "vision_layers", "layers", "heads", "kv_heads", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise UserError(
+                f"--image-size {self.image_size} is not divisible by --patch-size {self.patch_size} "
+                "(SigLIP cuts the image into whole patches)"
+            )
+        if self.width % self.heads:
+            raise UserError(f"--width {self.width} is not divisible by --heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise UserError(f"--heads {self.heads} is not divisible by --kv-heads {self.kv_heads}")
+        if (self.width // self.heads) % 2:
+            raise UserError(f"--width / --heads = {self.width // self.heads} must be even (rotary embedding)")
+        if self.vocab_size < 300:
+            raise UserError(f"--vocab-size must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        if self.max_positions <= (self.image_size // self.patch_size) ** 2:
+            raise UserError(
+                f"--max-positions {self.max_positions} leaves no room for text after "
+                f"{(self.image_size // self.patch_size) ** 2} image tokens"
+            )
+
+    def configs(self) -> tuple[VisionConfig, TextConfig]:
+        vision = VisionConfig(
+            hidden_size=self.width,
+            intermediate_size=self.width * self.mlp_ratio,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_use_head=False,
+        )
+        text = TextConfig(
+            hidden_size=self.width,
+            intermediate_size=self.width * self.mlp_ratio,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_positions,
+            rope_theta=10000.0,
+        )
+        return vision, text
+
+
+def make_tiny(out: str | Path, corpus: Iterable[str], recipe: TinyRecipe | None = None, seed: int = 0):
+    """The one builder of from-scratch tiny Picos (the embedded default and `convert init --tiny`).
+    Returns (model, config)."""
+    recipe = recipe or TinyRecipe()
+    recipe.check()
+    vision, text = recipe.configs()
+    return make_pico(out, corpus, vision, text, vocab_size=recipe.vocab_size, seed=seed, init_std=recipe.init_std)

@@ -1,11 +1,12 @@
-"""python -m convert to-mlx | to-hf | init | fuse | to-gguf"""
+"""python -m convert to-mlx | to-hf | init [--tiny] | fuse | to-gguf"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from bonsai_mlx.core.errors import friendly
+from bonsai_mlx.core.errors import UserError, friendly
+from bonsai_mlx.tiny import TinyRecipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,12 +28,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
 
-    p = sub.add_parser("init", help="assemble a fresh Pico from a SigLIP and a Qwen2 checkpoint")
-    p.add_argument("--vision", required=True, help="SigLIP directory or hub id, e.g. google/siglip-base-patch16-224")
-    p.add_argument("--text", required=True, help="Qwen2 directory or hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    p = sub.add_parser(
+        "init",
+        help="assemble a fresh Pico from a SigLIP and a Qwen2 checkpoint, or (--tiny) a from-scratch one for a dataset",
+    )
+    p.add_argument("--vision", help="SigLIP directory or hub id, e.g. google/siglip-base-patch16-224")
+    p.add_argument("--text", help="Qwen2 directory or hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
     p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0, help="projector initialisation seed")
+    p.add_argument("--seed", type=int, default=0, help="projector (--tiny: all weights) initialisation seed")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: as stored")
+    t = p.add_argument_group("--tiny: random weights, tokenizer trained on --data (defaults: the embedded default's)")
+    r = TinyRecipe()
+    t.add_argument("--tiny", action="store_true", help="build a from-scratch tiny Pico instead of assembling one")
+    t.add_argument("--data", help="LLaVA JSON/JSONL whose questions and answers train the tokenizer")
+    t.add_argument("--image-root", help="where --data's images are (checked to be there)")
+    t.add_argument("--image-size", type=int, default=r.image_size, help="square input size images are resized to")
+    t.add_argument("--patch-size", type=int, default=r.patch_size)
+    t.add_argument("--width", type=int, default=r.width, help="hidden size of the vision tower and the LM")
+    t.add_argument("--layers", type=int, default=r.layers, help="LM decoder layers")
+    t.add_argument("--vision-layers", type=int, default=r.vision_layers)
+    t.add_argument("--heads", type=int, default=r.heads)
+    t.add_argument("--kv-heads", type=int, default=r.kv_heads)
+    t.add_argument("--vocab-size", type=int, default=r.vocab_size)
+    t.add_argument("--max-positions", type=int, default=r.max_positions, help="image tokens + text tokens")
+    t.add_argument("--init-std", type=float, default=r.init_std, help="N(0, std) init of the weight matrices")
 
     p = sub.add_parser("fuse", help="merge a trained adapter (+ projector) into its base: a full checkpoint")
     p.add_argument("base")
@@ -63,9 +82,21 @@ def main(argv: list[str] | None = None) -> int:
             from bonsai_mlx.conversion.hf_mlx import to_hf
 
             note = to_hf(a.src, a.out, a.dtype)
+        elif a.cmd == "init" and a.tiny:
+            from bonsai_mlx.conversion.tiny_init import init_tiny
+
+            if a.vision or a.text or a.dtype:
+                raise UserError("init --tiny builds from scratch: drop --vision/--text/--dtype")
+            if not a.data:
+                raise UserError("init --tiny needs --data D.json (its text trains the tokenizer)")
+            names = ("image_size", "patch_size", "width", "layers", "vision_layers", "heads", "kv_heads")
+            names += ("vocab_size", "max_positions", "init_std")
+            note = init_tiny(a.data, a.out, TinyRecipe(**{k: getattr(a, k) for k in names}), a.seed, a.image_root)
         elif a.cmd == "init":
             from bonsai_mlx.conversion.assemble import assemble
 
+            if not (a.vision and a.text):
+                raise UserError("init needs --vision SIGLIP and --text QWEN (or --tiny --data D.json)")
             note = assemble(a.vision, a.text, a.out, a.seed, a.dtype)
         elif a.cmd == "to-gguf":
             from bonsai_mlx.conversion.gguf import to_gguf
