@@ -2,8 +2,9 @@
 
 Predictions are appended to a JSONL file as they are produced, so an interrupted run resumes where it
 stopped. Metrics: VQA-normalised accuracy (vqa), POPE-style yes/no (yesno), ROUGE-L (rouge), BLEU-4
-(bleu), CIDEr-D (cider; checked against pycocoevalcap's scorer). METEOR is not offered: its reference
-implementation is a Java jar with paraphrase tables, and NLTK's needs the WordNet download.
+(bleu), CIDEr-D (cider; checked against pycocoevalcap's scorer), METEOR (meteor; pycocoevalcap's reference
+Java jar, so it needs `java`), and per-token perplexity of the reference answers (ppl, or --perplexity:
+exp of the mean cross-entropy over the assistant tokens that training supervises, no generation needed).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.records import record_ids
-from bonsai_mlx.metrics import bleu4, cider_d, pope, rouge_l, vqa_accuracy, yes_no
+from bonsai_mlx.metrics import bleu4, cider_d, meteor, meteor_jar, pope, rouge_l, vqa_accuracy, yes_no
 
-METRICS = ("vqa", "yesno", "rouge", "bleu", "cider")
-NOT_OFFERED = {"meteor": "METEOR needs Java (the reference jar) or NLTK's WordNet download; not offered offline"}
+METRICS = ("vqa", "yesno", "rouge", "bleu", "cider", "meteor", "ppl")
+DEFAULT_METRICS = ("vqa", "yesno", "rouge", "bleu", "cider")  # meteor starts a JVM; ppl is a second pass
+GENERATED = ("vqa", "yesno", "rouge", "bleu", "cider", "meteor")  # the metrics that score generated answers
 
 
 def qa_of(rec: dict, rid: str | None = None) -> dict:
@@ -71,7 +73,7 @@ def predict_records(
     return out
 
 
-def score(rows: list[dict], metrics=METRICS) -> dict:
+def score(rows: list[dict], metrics=DEFAULT_METRICS) -> dict:
     out: dict = {"n": len(rows)}
     if not rows:
         return out
@@ -93,16 +95,94 @@ def score(rows: list[dict], metrics=METRICS) -> dict:
         out["bleu4"] = bleu4([r["prediction"] for r in rows], [r["answers"] for r in rows])
     if "cider" in metrics:
         out["cider"] = cider_d([r["prediction"] for r in rows], [r["answers"] for r in rows])
+    if "meteor" in metrics:
+        out["meteor"] = meteor([r["prediction"] for r in rows], [r["answers"] for r in rows])
+    return out
+
+
+def _ppl_records(records: list[dict], source: str) -> tuple[list[dict], list[tuple[str, str | None]]]:
+    """Conversation records to score, id-less (keyed by position), and each one's (record id, question type).
+
+    A LLaVA record is scored as training sees it (every assistant turn); a question/answer(s) record becomes one
+    conversation per reference answer, the question as the user turn."""
+    convs, owners = [], []
+    for rec, rid in zip(records, record_ids(records, source), strict=True):
+        qtype = rec.get("type", rec.get("question_type")) if isinstance(rec, dict) else None
+        if isinstance(rec, dict) and "conversations" in rec:
+            convs.append({k: v for k, v in rec.items() if k != "id"})
+            owners.append((rid, qtype))
+            continue
+        qa = qa_of(rec, rid)
+        for a in qa["answers"]:
+            if not isinstance(a, str):
+                raise UserError(f"record {rid}: answers must be strings, got {a!r:.40}")
+            turns = [{"from": "human", "value": rec["question"]}, {"from": "gpt", "value": a}]
+            convs.append({"image": rec.get("image"), "conversations": turns})
+            owners.append((rid, qtype))
+    return convs, owners
+
+
+def perplexity(
+    model, proc, records: list[dict], image_root: str | None = None, batch_size: int = 16, source: str = "data"
+) -> dict:
+    """Per-token perplexity of the reference answers given image + prompt: exp(summed cross-entropy / number of
+    supervised tokens), with the labels training builds (core.records: the assistant turns and their end token;
+    never the prompt or image tokens) and training's loss (loss.ce_at). Overall and per question type.
+
+    Returns {"ppl", "ppl_tokens", "ppl_samples", "ppl_by_type" (when records have types), "ppl_skipped"}."""
+    import math
+
+    from bonsai_mlx.core.batching import collate
+    from bonsai_mlx.core.records import Dataset
+    from bonsai_mlx.loss import ce_at, forward_states, to_mx
+
+    convs, owners = _ppl_records(records, source)
+    ds = Dataset.build(convs, proc, image_root)
+    pad = proc.tokenizer.pad_token_id if proc.tokenizer.pad_token_id is not None else 0
+    groups: dict[str | None, list] = {}
+    for e in ds.examples:  # one type per batch, so each type's sums come straight from ce_at
+        groups.setdefault(owners[int(e.id[1:])][1], []).append(e)
+    skipped = len(ds.bad)
+    sums: dict[str | None, tuple[float, int, int]] = {}
+    model.eval()
+    for t, exs in groups.items():
+        ce, n, k = 0.0, 0, 0
+        for i in range(0, len(exs), batch_size):
+            b = collate(exs[i : i + batch_size], proc, pad)
+            skipped += len(b.skipped)
+            if not b.ids:
+                continue
+            bm = to_mx(b)
+            h, _ = forward_states(model, bm, False, False)
+            ce += ce_at(model, h, bm["positions"], bm["targets"]).item()
+            n, k = n + len(b.targets), k + len(b.ids)
+        sums[t] = (ce, n, k)
+    total_n = sum(n for _, n, _ in sums.values())
+    if total_n == 0:
+        raise UserError(f"{source}: no record with an answer to score for perplexity ({ds.summary()})")
+    out: dict = {
+        "ppl": math.exp(sum(c for c, _, _ in sums.values()) / total_n),
+        "ppl_tokens": total_n,
+        "ppl_samples": sum(k for _, _, k in sums.values()),
+        "ppl_skipped": skipped,
+    }
+    typed = sorted(t for t, (_, n, _) in sums.items() if t and n)
+    if typed:
+        out["ppl_by_type"] = {t: math.exp(sums[t][0] / sums[t][1]) for t in typed}
     return out
 
 
 def table(s: dict) -> str:
     lines = ["| metric | value |", "|---|---|", f"| samples | {s['n']} |"]
-    for k in ("vqa", "rouge_l", "bleu4", "cider"):
+    for k in ("vqa", "rouge_l", "bleu4", "cider", "meteor", "ppl"):
         if k in s:
             lines.append(f"| {k} | {s[k]:.4f} |")
     for t, v in s.get("vqa_by_type", {}).items():
         lines.append(f"| vqa / {t} | {v:.4f} |")
+    for t, v in s.get("ppl_by_type", {}).items():
+        lines.append(f"| ppl / {t} | {v:.4f} |")
+    if "ppl" in s:
+        lines.append(f"| ppl tokens (samples, skipped) | {s['ppl_tokens']} ({s['ppl_samples']}, {s['ppl_skipped']}) |")
     for k, v in s.get("yesno", {}).items():
         lines.append(f"| yes/no {k} | {v:.4f} |" if isinstance(v, float) else f"| yes/no {k} | {v} |")
     return "\n".join(lines)
@@ -115,13 +195,17 @@ def evaluate(
     out: Path,
     image_root: str | None = None,
     max_tokens: int = 32,
-    metrics=METRICS,
+    metrics=DEFAULT_METRICS,
     progress: bool = True,
     batch_size: int = 16,
     source: str = "data",
 ) -> dict:
+    """Answer every record (appending to `out`, resuming from it) and score; `ppl` alone generates nothing."""
     from tqdm import tqdm
 
+    ppl = perplexity(model, proc, records, image_root, batch_size, source) if "ppl" in metrics else {}
+    if not any(m in GENERATED for m in metrics):
+        return {"n": len(records), **ppl}
     qas = [qa_of(r, rid) for r, rid in zip(records, record_ids(records, source), strict=True)]
     done = {}
     if out.is_file():
@@ -141,7 +225,7 @@ def evaluate(
                 done[qa["id"]] = row
             f.flush()
             bar.update(len(chunk))
-    return score([done[q["id"]] for q in qas], metrics)
+    return score([done[q["id"]] for q in qas], metrics) | ppl
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="preds.jsonl", help="predictions, appended as produced (resumes)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="questions answered together (same answers)")
-    ap.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of {', '.join(METRICS)}")
+    ap.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help=f"comma list of {', '.join(METRICS)} (meteor needs java; ppl: see --perplexity)",
+    )
+    ap.add_argument(
+        "--perplexity",
+        action="store_true",
+        help="also report per-token perplexity of the reference answers (assistant tokens only), overall and per "
+        "type; with --metrics ppl only perplexity is computed (no generation)",
+    )
     ap.add_argument("--limit", type=int, help="only the first N records")
     a = ap.parse_args(argv)
     from bonsai_mlx.core.errors import friendly
@@ -161,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     from bonsai_mlx.generate import load
 
     with friendly("evaluate"):
-        metrics = tuple(m for m in a.metrics.split(",") if m)
+        metrics = tuple(m for m in a.metrics.split(",") if m) + (("ppl",) if a.perplexity else ())
         unknown = [m for m in metrics if m not in METRICS]
-        if unknown and unknown[0] in NOT_OFFERED:
-            raise UserError(f"--metrics: {NOT_OFFERED[unknown[0]]}")
         if unknown:
             raise UserError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
+        if "meteor" in metrics:
+            meteor_jar()  # before loading the model: no java -> say how to install it
         model, proc = load(a.model)
         recs = read_records(a.data)[: a.limit]
         s = evaluate(

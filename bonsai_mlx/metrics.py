@@ -1,10 +1,17 @@
-"""Answer metrics: VQA-normalised exact match, POPE-style yes/no, ROUGE-L, BLEU-4 and CIDEr-D (pure Python)."""
+"""Answer metrics: VQA-normalised exact match, POPE-style yes/no, ROUGE-L, BLEU-4 and CIDEr-D (pure Python);
+METEOR through the reference Java jar that pycocoevalcap ships (the one published numbers come from)."""
 
 from __future__ import annotations
 
 import math
 import re
+import shutil
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
+
+from bonsai_mlx.core.errors import UserError
 
 _NUMBERS = {
     "none": "0",
@@ -148,3 +155,76 @@ def cider_d(preds: list[str], refs: list[list[str]], sigma: float = 6.0) -> floa
                 per_ref += (dot / (nc[n] * nr[n]) if nc[n] and nr[n] else dot) * penalty / 4
         total += 10.0 * per_ref / len(rs)
     return total / len(preds)
+
+
+JAVA_HINT = "install Java (Debian/Ubuntu: apt-get install openjdk-17-jre-headless; or run scripts/setup.sh --dev)"
+
+
+def meteor_jar() -> Path:
+    """pycocoevalcap's meteor-1.5.jar, checked to be runnable here: Java on PATH, the jar and its English
+    paraphrase table (data/paraphrase-en.gz) present. Raises a UserError that says what to install."""
+    if shutil.which("java") is None:
+        raise UserError(f"METEOR runs the reference Java jar and no `java` is on PATH: {JAVA_HINT}")
+    try:
+        import pycocoevalcap.meteor.meteor as m
+    except ImportError:
+        raise UserError(
+            "METEOR uses the jar inside pycocoevalcap: pip install pycocoevalcap (it is in the dev extra)"
+        ) from None
+    jar = Path(m.__file__).with_name("meteor-1.5.jar")
+    for need in (jar, jar.parent / "data" / "paraphrase-en.gz"):
+        if not need.is_file():
+            raise UserError(f"METEOR: {need} is missing from the pycocoevalcap install (reinstall pycocoevalcap)")
+    return jar
+
+
+def _meteor_line(s: str) -> str:
+    """One line of the jar's text protocol: no newlines, no `|||` field separators."""
+    return " ".join(s.replace("|||", " ").split())
+
+
+def meteor(preds: list[str], refs: list[list[str]]) -> float:
+    """Corpus METEOR 1.5 (English, -norm), as the COCO caption toolkit computes it: each hypothesis is scored
+    against its references by the jar (`-stdio` protocol: SCORE -> statistics, EVAL -> scores) and the
+    statistics are pooled into one corpus score, the jar's "Final score". Starting the jar takes ~10 s."""
+    if len(preds) != len(refs) or not preds or not all(refs):
+        raise ValueError(f"meteor needs one non-empty reference list per prediction ({len(preds)} vs {len(refs)})")
+    jar = meteor_jar()
+    cmd = ["java", "-Xmx2G", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=jar.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def fail() -> UserError:
+            proc.kill()
+            proc.wait()
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
+            return UserError(f"METEOR: the jar {jar} stopped answering: {' / '.join(tail) or 'no message'}")
+
+        def read() -> str:
+            out = proc.stdout.readline().decode().strip()
+            if not out:
+                raise fail()
+            return out
+
+        def send(*fields: str) -> None:
+            try:
+                proc.stdin.write((" ||| ".join(fields) + "\n").encode())
+                proc.stdin.flush()
+            except BrokenPipeError:
+                raise fail() from None
+
+        try:
+            stats = []
+            for p, rs in zip(preds, refs, strict=True):
+                send("SCORE", *(_meteor_line(r) for r in rs), _meteor_line(p))
+                stats.append(read())
+            send("EVAL", *stats)  # answers one score per segment, then the corpus score
+            final = [read() for _ in range(len(preds) + 1)][-1]
+        finally:
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.kill()
+                proc.wait()
+    return float(final)

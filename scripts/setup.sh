@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1; then
   pkgs="libopenblas0-pthread"
-  [ "$dev" = 1 ] && pkgs="$pkgs chromium"
+  [ "$dev" = 1 ] && pkgs="$pkgs chromium openjdk-17-jre-headless"  # Java: the METEOR reference jar
   missing=""
   for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
   if [ -n "$missing" ]; then

@@ -151,7 +151,51 @@ def test_evaluate_cli_writes_predictions_and_resumes(pico_dir, tmp_path, capsys)
     assert s["n"] == 3 and set(s["vqa_by_type"]) == {"colour", "yesno"} and s["yesno"]["n"] == 2
     assert "| vqa |" in capsys.readouterr().out
     assert "cider" in s
+
     with pytest.raises(SystemExit) as e:
-        main([*args, "--metrics", "vqa,meteor"])
+        main([*args, "--metrics", "vqa,bogus"])
+    assert e.value.code == 2 and "unknown 'bogus'" in capsys.readouterr().err
+
+
+def test_meteor_without_java_says_how_to_install_it(pico_dir, tmp_path, monkeypatch, capsys):
+    from bonsai_mlx.evaluate import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on it
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(pico_dir), "--data", str(tmp_path / "none.json"), "--metrics", "vqa,meteor"])
     assert e.value.code == 2
-    assert "METEOR needs Java" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no `java` is on PATH" in err and "apt-get install openjdk-17-jre-headless" in err
+
+
+METEOR_CASES = [
+    ("a red circle at the top left", ["red circle top left", "a red circle in the top left corner"]),
+    ("two shapes", ["two", "there are two shapes"]),
+    ("The yellow triangle sits top-right.", ["the yellow triangle is at the top right", "yellow triangle, top right"]),
+    ("", ["yes", "no"]),  # an empty answer scores nothing and must not break the protocol
+    ("a ||| b\nc", ["a b c", "abc"]),  # the protocol's separators inside an answer are not fields
+]
+
+
+def test_meteor_equals_the_reference_jar(tmp_path):
+    """evaluate's METEOR against the jar run on files (its batch mode, not the -stdio protocol ours speaks)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("java") is None:
+        pytest.skip("no `java` on PATH: apt-get install openjdk-17-jre-headless (scripts/setup.sh --dev does)")
+    from bonsai_mlx.evaluate import score
+    from bonsai_mlx.metrics import meteor_jar
+
+    jar = meteor_jar()
+    assert (jar.parent / "data" / "paraphrase-en.gz").stat().st_size > 10_000_000  # the real table, not a stub
+    (tmp_path / "hyp.txt").write_text("".join(" ".join(p.replace("|||", " ").split()) + "\n" for p, _ in METEOR_CASES))
+    (tmp_path / "ref.txt").write_text("".join(r + "\n" for _, rs in METEOR_CASES for r in rs))
+    cmd = ["java", "-Xmx2G", "-jar", str(jar), "hyp.txt", "ref.txt", "-l", "en", "-norm", "-r", "2"]
+    ref = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rows = [{"prediction": p, "answers": rs} for p, rs in METEOR_CASES]
+    ours = score(rows, ("meteor",))["meteor"]  # while the reference run loads its tables
+    out = ref.communicate(timeout=300)[0]
+    theirs = float(next(line for line in out.splitlines() if line.startswith("Final score:")).split()[-1])
+    assert 0.2 < theirs < 0.9
+    assert ours == pytest.approx(theirs, abs=1e-12)
