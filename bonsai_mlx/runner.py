@@ -50,8 +50,16 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
             print(
                 f"drawing the synthetic shapes task ({n_train} train / {DEFAULT_DATA['n_eval']} held-out) in {data_dir}"
             )
-            synthetic.export(data_dir, n_train, DEFAULT_DATA["n_eval"], seed=cfg.seed, size=DEFAULT_DATA["image_size"])
-        cfg.model = str(make_default_model(out / "init", DEFAULT_DATA["image_size"], cfg.seed))
+            synthetic.export(
+                data_dir,
+                n_train,
+                DEFAULT_DATA["n_eval"],
+                seed=cfg.seed,
+                size=DEFAULT_DATA["image_size"],
+                caption_share=DEFAULT_DATA["caption_share"],
+                questions=DEFAULT_DATA["questions"],
+            )
+        cfg.model = str(make_default_model(out / "init", seed=cfg.seed))
         cfg.data, cfg.eval_data, cfg.image_root = (
             str(data_dir / "train.json"),
             str(data_dir / "eval.json"),

@@ -123,7 +123,8 @@ def make_pico(
 
 @dataclass
 class TinyRecipe:
-    """The sizes and init that make a from-scratch tiny Pico learn on 2 CPU cores (the embedded default's).
+    """The sizes and init that make a from-scratch tiny Pico learn on 2 CPU cores (`convert init --tiny`'s defaults;
+    the embedded default changes only the patch size, see bonsai_mlx.embedded.RECIPE).
 
     12px patches: on 48px images a 4x4 grid, 16 image tokens, which keeps steps cheap. transformers' 0.02 init is
     sized for widths near 1000; at width 128 it leaves attention uniform for hundreds of steps. ~1/sqrt(width)

@@ -1,9 +1,10 @@
 """The built-in visual-QA task: shapes drawn with PIL, questions with one-word answers.
 
 Seeded and reproducible. Each image holds 1-3 shapes (distinct kinds and colours) in distinct
-quadrants; questions ask for the colour or shape at a place, the count, where a colour is, or
-whether a colour is present (yes/no). Doubles as sample data
-for every command (`python -m bonsai_mlx.train --export DIR`).
+quadrants, each of a size varying 3x, anywhere in its quadrant, filled or outlined, on a flat or
+gradient background with noise (`DrawStyle`): neither area nor colour-per-patch tells the shapes apart.
+Questions ask for the colour or shape at a place, the count, where a colour is, or whether a colour is
+present (yes/no). Doubles as sample data for every command (`python -m bonsai_mlx.train --export DIR`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from bonsai_mlx.core.io import atomic_write_text
@@ -23,7 +25,8 @@ CELLS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 QTYPES = ("colour", "shape", "count", "position", "yesno")
 # The embedded default's draw: samples and image size (the CLI, the runner and shapes_kd read this).
-DEFAULT_DATA = dict(n_train=12000, n_eval=400, image_size=48)
+# Three questions per training image: each image encoded serves three answers (held-out stays one per image).
+DEFAULT_DATA = dict(n_train=12000, n_eval=400, image_size=48, questions=3, caption_share=0.0)
 
 
 @dataclass
@@ -33,27 +36,61 @@ class Item:
     cell: str
 
 
-def draw(items: list[Item], size: int, rng: random.Random) -> Image.Image:
-    bg = tuple(rng.randint(225, 255) for _ in range(3))
-    im = Image.new("RGB", (size, size), bg)
+@dataclass
+class DrawStyle:
+    """How shapes are drawn. The defaults are the embedded task: radii varying 3.1x (as shares of a cell's
+    side), anywhere in the cell, half of them outlined, on flat or gradient light backgrounds with noise."""
+
+    r_min: float = 0.14
+    r_max: float = 0.44
+    outline_share: float = 0.5
+    noise: float = 6.0  # largest per-pixel noise std (each image draws its own in [0, noise])
+    gradient: bool = True
+    anywhere: bool = True  # False: centred in the cell
+
+
+STYLE = DrawStyle()
+
+
+def _background(size: int, rng: random.Random, style: DrawStyle) -> Image.Image:
+    """A light background: flat, or a gradient between two light colours, with per-pixel noise."""
+    a = [rng.randint(190, 255) for _ in range(3)]
+    b = [rng.randint(190, 255) for _ in range(3)] if style.gradient and rng.random() < 0.5 else a
+    t = np.linspace(0.0, 1.0, size)[:, None] if rng.random() < 0.5 else np.linspace(0.0, 1.0, size)[None, :]
+    img = np.stack([a[c] + (b[c] - a[c]) * t * np.ones((size, size)) for c in range(3)], axis=-1)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(0.0, style.noise), img.shape)
+    return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
+
+
+def draw(items: list[Item], size: int, rng: random.Random, style: DrawStyle | None = None) -> Image.Image:
+    """Shapes of sizes varying 3x, anywhere in their cell, filled or outlined, on varied backgrounds: so
+    neither area nor fill-per-patch tells a circle from a square; only the outline's shape does."""
+    style = style or STYLE
+    im = _background(size, rng, style)
     d = ImageDraw.Draw(im)
-    half = size // 2
+    half = size / 2
+    line = max(1, round(size / 32))
     for it in items:
         cx, cy = CELLS[it.cell]
-        # Sizes vary, but little: at this scale a tiny model from scratch reads a shape from how much of each
-        # patch it fills, and wider size ranges make a big circle fill as much as a small square (measured: shape
-        # accuracy 0.61 with radii 0.28-0.42, 0.95 with 0.40-0.44, same steps).
-        r = rng.uniform(0.40, 0.44) * half
-        x = cx * half + half / 2 + rng.uniform(-0.05, 0.05) * half
-        y = cy * half + half / 2 + rng.uniform(-0.05, 0.05) * half
+        r = rng.uniform(style.r_min, style.r_max) * half
+        if style.anywhere:
+            x = cx * half + rng.uniform(r + 1, half - r - 1)
+            y = cy * half + rng.uniform(r + 1, half - r - 1)
+        else:
+            x, y = (cx + 0.5) * half, (cy + 0.5) * half
         box = (x - r, y - r, x + r, y + r)
         col = COLOURS[it.colour]
+        style_kw = {"outline": col, "width": line} if rng.random() < style.outline_share else {"fill": col}
         if it.kind == "circle":
-            d.ellipse(box, fill=col)
+            d.ellipse(box, **style_kw)
         elif it.kind == "square":
-            d.rectangle(box, fill=col)
+            d.rectangle(box, **style_kw)
         else:
-            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=col)
+            pts = [(x, y - r), (x - r, y + r), (x + r, y + r)]
+            if "fill" in style_kw:
+                d.polygon(pts, fill=col)
+            else:
+                d.polygon(pts, outline=col, width=line)
     return im
 
 
