@@ -119,12 +119,14 @@ def test_init_tiny_refuses_to_overwrite_and_needs_data(tmp_path, capsys):
 
 
 def test_embedded_default_is_built_by_the_same_recipe(tmp_path):
-    """One code path: the embedded default's model has exactly `init --tiny`'s default sizes and init."""
-    from bonsai_mlx.embedded import make_default_model
+    """One code path: the embedded default's model has `init --tiny`'s default sizes and init; only the patch
+    size differs, set by the task's geometry (one patch per cell: bonsai_mlx.embedded.RECIPE)."""
+    from bonsai_mlx.embedded import RECIPE, make_default_model
 
+    assert set(RECIPE) == {"patch_size"}
     d = make_default_model(tmp_path / "e", image_size=48, seed=0)
     cfg = json.loads((d / "config.json").read_text())
-    vision, text = TinyRecipe().configs()
+    vision, text = TinyRecipe(patch_size=RECIPE["patch_size"]).configs()
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"):
         assert cfg["vision_config"][k] == getattr(vision, k)
     for k in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "max_position_embeddings"):
