@@ -93,6 +93,95 @@ def test_kl_loss_matches_pytorch_and_the_exact_kl():
     assert abs(kl_loss(mx.array(teacher), mx.array(teacher), mx.array(full)).item()) < 1e-6
 
 
+def _uld_case():
+    """Two units, teacher top-2 and a 3-token student, with the ULD value worked out by hand."""
+    teacher = np.log(np.array([[3.0, 1.0], [1.0, 1.0]], np.float32))  # p = [.75, .25], [.5, .5]
+    student = np.log(np.array([[1.0, 2.0, 1.0], [8.0, 1.0, 1.0]], np.float32))  # q = [.25, .5, .25], [.8, .1, .1]
+    # sorted top-2 of q: [.5, .25] and [.8, .1]: |.75 - .5| + |.25 - .25| = .25; |.5 - .8| + |.5 - .1| = .7
+    return student, teacher, (0.25 + 0.7) / 2
+
+
+def test_uld_loss_is_the_hand_computed_value_in_mlx_and_pytorch():
+    import torch
+
+    from bonsai_mlx.distill import uld_loss
+    from train_cuda import losses
+
+    student, teacher, expect = _uld_case()
+    a = uld_loss(mx.array(student), mx.array(teacher)).item()
+    b = losses.uld_loss(torch.tensor(student), torch.tensor(teacher)).item()
+    print(f"ULD hand case: mlx {a:.8f} pytorch {b:.8f} expected {expect:.8f}")
+    assert abs(a - expect) < 1e-6 and abs(b - expect) < 1e-6
+    # the teacher's order does not matter (it is sorted), and a student vocabulary smaller than k pads with zeros
+    assert abs(uld_loss(mx.array(student), mx.array(teacher[:, ::-1].copy())).item() - expect) < 1e-6
+    small = np.log(np.array([[1.0, 1.0]], np.float32))
+    wide = np.log(np.array([[2.0, 1.0, 1.0]], np.float32))  # p = [.5, .25, .25] vs q = [.5, .5, 0]
+    assert abs(uld_loss(mx.array(small), mx.array(wide)).item() - 0.5) < 1e-6
+    assert abs(losses.uld_loss(torch.tensor(small), torch.tensor(wide)).item() - 0.5) < 1e-6
+
+
+def _shared_case():
+    """One unit: teacher top-3 p = [.5, .3, .2] whose 2nd token the student lacks; student over 4 tokens, of which
+    ids 0, 2, 3 are shared. Teacher renormalised over its shared tokens: [5/7, 2/7] at student ids 2 and 0;
+    student renormalised over {0, 2, 3}: q(0) = .25, q(2) = .5."""
+    teacher = np.log(np.array([[5.0, 3.0, 2.0]], np.float32))
+    sids = np.array([[2, -1, 0]], np.int32)
+    student = np.log(np.array([[1.0, 4.0, 2.0, 1.0]], np.float32))
+    shared = np.array([0, 2, 3], np.int32)
+    expect = 5 / 7 * np.log((5 / 7) / 0.5) + 2 / 7 * np.log((2 / 7) / 0.25)
+    return student, teacher, sids, shared, expect
+
+
+def test_shared_vocab_kl_is_the_hand_computed_value_in_mlx_and_pytorch():
+    import torch
+
+    from bonsai_mlx.distill import shared_kl_loss
+    from train_cuda import losses
+
+    student, teacher, sids, shared, expect = _shared_case()
+    a = shared_kl_loss(mx.array(student), mx.array(teacher), mx.array(sids), mx.array(shared)).item()
+    b = losses.shared_kl_loss(
+        torch.tensor(student), torch.tensor(teacher), torch.tensor(sids), torch.tensor(shared)
+    ).item()
+    print(f"shared-vocab KL hand case: mlx {a:.8f} pytorch {b:.8f} expected {expect:.8f}")
+    assert abs(a - expect) < 1e-6 and abs(b - expect) < 1e-6
+    # a student that puts the teacher's renormalised distribution on the shared tokens scores 0
+    match = np.log(np.array([[2.0, 100.0, 5.0, 1e-9]], np.float32))
+    assert abs(shared_kl_loss(mx.array(match), mx.array(teacher), mx.array(sids), mx.array(shared)).item()) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["same-vocab", "uld", "shared-vocab"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_each_logit_loss_and_its_gradient_are_the_same_in_mlx_and_pytorch(mode, temperature):
+    """Random units over a 50-token student: value and d loss / d student logits agree to float32 precision."""
+    import torch
+
+    from bonsai_mlx.core.distill_targets import LogitPlan
+    from bonsai_mlx.distill import logit_loss
+    from train_cuda import losses
+
+    rng = np.random.default_rng(3)
+    student = (2 * rng.normal(size=(7, 50))).astype(np.float32)
+    full = (2 * rng.normal(size=(7, 60))).astype(np.float32)
+    ids = np.argsort(-full, axis=-1)[:, :6].astype(np.int32)
+    d = {"kl_logits": np.take_along_axis(full, ids, -1), "kl_ids": ids % 50}
+    d["kl_sids"] = np.where(ids % 3 == 0, -1, ids % 40).astype(np.int32)
+    d["kl_sids"][:, 0] = 7  # every unit keeps a shared token
+    shared = np.arange(40, dtype=np.int32)
+    plan = LogitPlan(mode, "test")
+
+    def f(x):
+        return logit_loss(plan, x, {k: mx.array(v) for k, v in d.items()}, temperature, mx.array(shared))
+
+    a, ga = mx.value_and_grad(f)(mx.array(student))
+    x = torch.tensor(student, requires_grad=True)
+    b = losses.logit_loss(mode, x, {k: torch.tensor(v) for k, v in d.items()}, temperature, torch.tensor(shared))
+    b.backward()
+    print(f"{mode} T={temperature}: mlx {a.item():.8f} pytorch {b.item():.8f}")
+    assert a.item() > 0 and abs(a.item() - b.item()) < 1e-5 * max(1.0, abs(b.item()))
+    np.testing.assert_allclose(np.array(ga), x.grad.numpy(), atol=1e-6)
+
+
 def test_layer_map():
     assert parse_layer_map("-1:-1,16:12", [-1, 16], 24) == [(-1, -1), (16, 12)]
     assert parse_layer_map(None, [-1, 16], 24, 32) == [(-1, -1), (16, 12)]

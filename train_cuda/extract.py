@@ -20,12 +20,14 @@ from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
 from bonsai_mlx.core.teacher_cache import (
+    TOKENS_FILE,
     CacheWriter,
     Entry,
     file_fingerprint,
     tokenizer_fingerprint,
     vocab_fingerprint,
 )
+from bonsai_mlx.core.vocab_map import encode_tokens, fallback_ids, shared_vocab_of, token_bytes
 from train_cuda.teacher import Teacher, answer_spans
 
 
@@ -77,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pca", type=int, metavar="K", help="store K PCA coordinates per state instead of all of them")
     ap.add_argument("--pca-samples", type=int, default=256, help="samples the PCA basis is fitted on")
     ap.add_argument(
+        "--logits-topk",
         "--kl-topk",
+        dest="logits_topk",
         type=int,
         default=0,
         metavar="K",
-        help="also store the teacher's top-K next-token logits (for distill --kl; needs a shared vocabulary)",
+        help="also store the teacher's top-K next-token logits at every aligned text unit, and its token strings "
+        "(for distill --kl in any --kl-mode: same vocabulary or not)",
     )
     from bonsai_mlx.core.errors import glue_negative_lists
 
@@ -100,8 +105,8 @@ def run(a) -> int:
     scfg = PicoConfig.load(sdir)
     student = Processor(sdir, scfg)
     teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit)
-    if a.kl_topk:
-        refuse_kl_unless_shared(teacher.tokenizer, student.tokenizer, "--kl-topk")
+    if a.logits_topk < 0:
+        raise UserError(f"--logits-topk must be a positive number of logits per unit, got {a.logits_topk}")
     if teacher.device == "cpu":
         print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
     records = read_records(a.data)
@@ -141,11 +146,24 @@ def run(a) -> int:
         "load_4bit": bool(a.load_4bit),
         "max_samples": a.max_samples,
     }
-    if a.kl_topk:
-        manifest["kl_topk"] = a.kl_topk
+    vocab_size = teacher.model.config.text_config.vocab_size  # the LM head's width (may exceed the tokenizer)
+    if a.logits_topk:
+        manifest["logits"] = {
+            "topk": min(a.logits_topk, vocab_size),
+            "units": "every aligned text unit (same_next: those whose next token is the same in both)",
+            "tokens": TOKENS_FILE,
+            "vocab_size": vocab_size,
+        }
     if a.pca:
         manifest["pca"] = width
     writer = CacheWriter(a.out, manifest, a.per_shard)
+    if a.logits_topk:
+        writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab_size)), fallback_ids(teacher.tokenizer))
+        shared = shared_vocab_of(teacher.tokenizer, student.tokenizer)
+        print(
+            f"teacher logits: top-{manifest['logits']['topk']} per aligned unit; {len(shared):,} of the teacher's "
+            f"{shared.n_teacher:,} text tokens ({shared.coverage:.1%}) have an equal-string student token"
+        )
     if a.pca and not writer.has_basis():
         writer.set_basis(fit_basis(teacher, plans[: a.pca_samples], layers, s_grid, width, a.batch_size))
     # shards are cut from the planned ids (skipped ones included), so a resume over other inputs redoes them
@@ -160,7 +178,7 @@ def run(a) -> int:
             continue
         entries = {}
         for batch, pixels in prefetched(teacher, shard, a.batch_size, bad):
-            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.kl_topk, pixels))
+            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.logits_topk, pixels))
             bar.update(len(batch))
         writer.write_shard(k, entries, sids)
     bar.close()
@@ -189,15 +207,6 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
         basis[L] = (mean, comps)
         print(f"PCA layer {L}: {k} components keep {kept:.1%} of the variance")
     return basis
-
-
-def refuse_kl_unless_shared(teacher_tok, student_tok, flag: str) -> None:
-    """Logit KL compares distributions over token ids: meaningless unless both models share the vocabulary."""
-    if vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tok):
-        raise UserError(
-            f"{flag}: the teacher's vocabulary ({len(teacher_tok):,} tokens) and the student's ({len(student_tok):,}) "
-            "differ, so their next-token distributions cannot be compared; distil with the feature loss alone"
-        )
 
 
 def load_pixels(teacher: Teacher, batch: list[Plan], bad: dict) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
@@ -277,11 +286,12 @@ def extract_batch(
             text = {L: st[b, at].cpu().numpy() for L, st in zip(layers, states, strict=True)}
             image = {L: pooled[L][b] for L in pooled}
             e = out[p.sid] = Entry([s for _, s in p.pairs], at, text, image)
-            if top is not None:
-                kat = [p.pairs[k][0] for k in p.same_next]
-                e.kl_units = p.same_next
-                e.topk_logits = top[0][b, kat].cpu().numpy()
-                e.topk_ids = top[1][b, kat].cpu().numpy().astype(np.int32)
+            if top is not None:  # every aligned unit; the same-vocab KL uses those whose next token is shared
+                e.kl_units = list(range(len(p.pairs)))
+                e.same_next = list(p.same_next)
+                e.topk_logits = top[0][b, at].cpu().numpy()
+                e.topk_ids = top[1][b, at].cpu().numpy().astype(np.int32)
+                e.topk_lse = top[2][b, at].cpu().numpy().astype(np.float32)
     return out
 
 

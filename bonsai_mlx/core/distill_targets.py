@@ -5,11 +5,14 @@ Plain numpy, shared by `bonsai_mlx.distill` (MLX) and `train_cuda.trainer` (PyTo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bonsai_mlx.core.batching import Batch
 from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.teacher_cache import CacheReader, vocab_fingerprint
+from bonsai_mlx.core.vocab_map import SharedVocab, build_shared_vocab, choose_kl_mode, fallback_ids, token_bytes
 
 
 def parse_layer_map(
@@ -55,9 +58,18 @@ def cache_layer_map(
 
 
 def gather_targets(
-    cache: CacheReader, batch: Batch, image_token_id: int, layers: list[int], kl: bool = False
+    cache: CacheReader,
+    batch: Batch,
+    image_token_id: int,
+    layers: list[int],
+    kl: bool | LogitPlan = False,
 ) -> dict[str, np.ndarray]:
-    """Flat batch positions of the aligned units and their teacher targets, for one collated batch."""
+    """Flat batch positions of the aligned units and their teacher targets, for one collated batch.
+
+    With `kl` (a `LogitPlan`; True means same-vocab): the teacher's top-k at the units that mode uses ("kl_pos",
+    "kl_ids", "kl_logits"); shared-vocab adds the student ids of the teacher's tokens ("kl_sids", -1: not
+    shared), keeps only units with some shared mass, and "kl_coverage" (mean top-k mass kept)."""
+    plan = LogitPlan("same-vocab", "") if kl is True else (kl or None)
     B, L = batch.input_ids.shape
     tpos, ipos, kpos, kids, klog = [], [], [], [], []
     tt = {t: [] for t in layers}
@@ -66,8 +78,11 @@ def gather_targets(
         e = cache.get(sid)
         keep = [k for k, p in enumerate(e.text_student_pos) if p < L]
         tpos += [b * L + e.text_student_pos[k] for k in keep]
-        if kl and e.topk_ids is not None:
-            ok = [j for j, k in enumerate(e.kl_units) if e.text_student_pos[k] < L]
+        if plan is not None and e.topk_ids is not None:
+            use = range(len(e.kl_units))
+            if plan.mode == "same-vocab" and e.same_next is not None:
+                use = e.same_next  # ids compare only where the next token is the same in both tokenizations
+            ok = [j for j in use if e.text_student_pos[e.kl_units[j]] < L]
             kpos += [b * L + e.text_student_pos[e.kl_units[j]] for j in ok]
             kids.append(e.topk_ids[ok])
             klog.append(e.topk_logits[ok])
@@ -79,23 +94,80 @@ def gather_targets(
             for t in layers:  # the cache holds every student patch; a "default" student drops patch 0
                 it[t].append(e.image[t][len(e.image[t]) - len(img) :])
     out = {"text_pos": np.asarray(tpos, np.int32), "image_pos": np.asarray(ipos, np.int32)}
-    if kl:
-        k = int(cache.manifest.get("kl_topk", 1))
+    if plan is not None:
+        k = max(cache.logits_topk, 1)
         out["kl_pos"] = np.asarray(kpos, np.int32)
         out["kl_ids"] = np.concatenate(kids).astype(np.int32) if kpos else np.zeros((0, k), np.int32)
         out["kl_logits"] = np.concatenate(klog).astype(np.float32) if kpos else np.zeros((0, k), np.float32)
+        if plan.mode == "shared-vocab":
+            sids = plan.shared.student_of(out["kl_ids"])
+            p = np.exp(out["kl_logits"] - out["kl_logits"].max(-1, keepdims=True))
+            kept = (p * (sids >= 0)).sum(-1) / p.sum(-1)
+            out["kl_coverage"] = np.asarray(kept.mean() if len(kept) else 0.0, np.float32)
+            rows = kept > 0  # a unit none of whose top-k tokens the student has tells the student nothing here
+            for key in ("kl_pos", "kl_ids", "kl_logits"):
+                out[key] = out[key][rows]
+            out["kl_sids"] = sids[rows]
     for t in layers:
         out[f"text_{t}"] = np.concatenate(tt[t]).astype(np.float32) if tpos else np.zeros((0, 1), np.float32)
         out[f"image_{t}"] = np.concatenate(it[t]).astype(np.float32) if ipos else np.zeros((0, 1), np.float32)
     return out
 
 
-def check_kl(cache: CacheReader, student_tokenizer) -> None:
-    """--kl needs a shared vocabulary and a cache that holds the teacher's logits; say which is missing."""
-    if cache.manifest.get("teacher_vocab") != vocab_fingerprint(student_tokenizer):
-        raise UserError(
-            f"--kl: the teacher ({cache.manifest['teacher']}) and the student do not share a vocabulary, so their "
-            "next-token distributions cannot be compared; distil with the feature loss alone (drop --kl)"
-        )
-    if not cache.manifest.get("kl_topk"):
-        raise UserError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --kl-topk K")
+@dataclass
+class LogitPlan:
+    """Which logit loss a run uses, why, and for shared-vocab the token map and its coverage."""
+
+    mode: str  # one of vocab_map.KL_MODES other than "auto"
+    why: str
+    shared: SharedVocab | None = None
+    coverage: float | None = None  # teacher top-k mass on shared tokens, mean over the cache's first units
+    topk_mass: float | None = None  # teacher probability mass its stored top-k hold (format-3 caches)
+
+    def describe(self) -> str:
+        line = f"logit loss: {self.mode} ({self.why})"
+        if self.shared is not None:
+            line += (
+                f"; {len(self.shared):,} shared tokens ({self.shared.coverage:.1%} of the teacher's text tokens), "
+                f"coverage {self.coverage:.1%} of the teacher's top-k mass"
+            )
+            if self.topk_mass is not None:
+                line += f" (the top-k hold {self.topk_mass:.1%} of its whole distribution)"
+        return line
+
+
+def plan_logits(cache: CacheReader, student_tokenizer, requested: str = "auto", sample: int = 64) -> LogitPlan:
+    """The logit loss for `--kl-mode requested` on this cache and student: refuses what cannot work (no logits in
+    the cache; same-vocab ids across two vocabularies), and for `auto` picks one, saying why."""
+    if not cache.logits_topk:
+        raise UserError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --logits-topk K")
+    same = cache.manifest.get("teacher_vocab") == vocab_fingerprint(student_tokenizer)
+    vocab = cache.teacher_tokens()
+    shared = coverage = topk_mass = None
+    if vocab is not None and (not same or requested == "shared-vocab"):
+        tokens, fallback = vocab
+        shared = build_shared_vocab(tokens, token_bytes(student_tokenizer), fallback, fallback_ids(student_tokenizer))
+        coverage, topk_mass = _coverage(cache, shared, sample)
+    mode, why = choose_kl_mode(requested, same, coverage)
+    if mode != "shared-vocab":
+        shared = None
+    return LogitPlan(mode, why, shared, coverage, topk_mass)
+
+
+def _coverage(cache: CacheReader, shared: SharedVocab, sample: int) -> tuple[float, float | None]:
+    """(mean top-k mass on shared tokens, mean share of the whole distribution the top-k hold) over the units of
+    the first `sample` cached samples."""
+    ids, logits, lse = [], [], []
+    for sid in list(cache.where)[:sample]:
+        e = cache.get(sid)
+        if e.topk_ids is not None and len(e.topk_ids):
+            ids.append(e.topk_ids)
+            logits.append(e.topk_logits.astype(np.float64))
+            lse.append(e.topk_lse)
+    if not ids:
+        return 0.0, None
+    ids, logits = np.concatenate(ids), np.concatenate(logits)
+    mass = None
+    if all(x is not None for x in lse):
+        mass = float(np.exp(logits - np.concatenate(lse)[:, None]).sum(-1).mean())
+    return shared.mass_coverage(ids, logits), mass
