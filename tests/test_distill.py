@@ -224,6 +224,31 @@ def test_image_targets_of_a_default_strategy_student_skip_the_patch_it_drops():
     np.testing.assert_array_equal(d["image_pos"], np.arange(1, g * g))
 
 
+def test_targets_per_mode_same_next_units_for_same_vocab_and_student_ids_for_shared_vocab():
+    """same-vocab uses only units whose next token is shared; uld every unit; shared-vocab maps the teacher's ids
+    to the student's, drops a unit with no shared token and reports the top-k mass kept."""
+    from bonsai_mlx.core.batching import Batch
+    from bonsai_mlx.core.distill_targets import LogitPlan, gather_targets
+    from bonsai_mlx.core.teacher_cache import Entry
+    from bonsai_mlx.core.vocab_map import SharedVocab
+
+    logits = np.log(np.array([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1], [0.9, 0.05, 0.05]], np.float32))
+    ids = np.array([[1, 2, 3], [2, 0, 1], [0, 2, 0]], np.int32)
+    entry = Entry([1, 2, 3], [0, 1, 2], {-1: np.zeros((3, 4), np.float32)}, {}, [0, 1, 2], ids, logits)
+    entry.same_next = [0, 2]
+    cache = type("C", (), {"get": lambda self, sid: entry, "logits_topk": 3})()
+    batch = Batch(np.zeros((1, 6), np.int32), None, np.zeros(0), np.zeros(0), ["a"], 6)
+    same = gather_targets(cache, batch, 99, [-1], LogitPlan("same-vocab", ""))
+    np.testing.assert_array_equal(same["kl_pos"], [1, 3])
+    uld = gather_targets(cache, batch, 99, [-1], LogitPlan("uld", ""))
+    np.testing.assert_array_equal(uld["kl_pos"], [1, 2, 3])
+    shared = SharedVocab(np.array([1, 3]), np.array([10, 11]), 4, 2)  # teacher 1 -> student 10, 3 -> 11
+    d = gather_targets(cache, batch, 99, [-1], LogitPlan("shared-vocab", "", shared))
+    np.testing.assert_array_equal(d["kl_pos"], [1, 2])  # unit 3 has none of teacher tokens 1, 3 in its top-k
+    np.testing.assert_array_equal(d["kl_sids"], [[10, -1, 11], [-1, -1, 10]])
+    assert abs(float(d["kl_coverage"]) - (0.7 + 0.1 + 0.0) / 3) < 1e-6
+
+
 def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_path):
     from helpers import make_teacher, write_describe_data
 
@@ -292,6 +317,7 @@ def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_pat
 
 
 def _kl_cache(pico_dir, root, *, same_vocab: bool):
+    """Describe-the-image data and a cache with the teacher's top-8 logits (its own vocabulary unless `same_vocab`)."""
     from helpers import make_teacher, write_describe_data
 
     from train_cuda.extract import main as extract
@@ -300,8 +326,13 @@ def _kl_cache(pico_dir, root, *, same_vocab: bool):
     teacher = make_teacher(root / "teacher", tokenizer_from=pico_dir if same_vocab else None)
     args = ["--teacher", str(teacher), "--data", str(root / "d.json"), "--image-root", str(root / "img")]
     args += ["--student-tokenizer", str(pico_dir), "--layers=-1", "--out", str(root / "cache")]
-    assert extract([*args, *(["--kl-topk", "8"] if same_vocab else [])]) == 0
+    assert extract([*args, "--logits-topk", "8"]) == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def cross_root(pico_dir, tmp_path_factory):
+    return _kl_cache(pico_dir, tmp_path_factory.mktemp("cross"), same_vocab=False)
 
 
 def _distill_args(pico_dir, root, out, *extra, lr="1e-2"):
@@ -321,13 +352,36 @@ def test_distill_with_kl_lowers_the_loss(pico_dir, tmp_path):
     # alpha 0: loss = CE + 10 KL, so the KL part is loss - ce and must be positive, then fall
     kl = [r["loss"] - r["ce"] for r in rows]
     assert min(kl[:3]) > 0 and np.mean(kl[-3:]) < 0.9 * np.mean(kl[:3]), kl
+    assert all(abs(r["kl"] * 10 - (r["loss"] - r["ce"])) < 1e-3 * max(1, r["loss"]) for r in rows)
 
 
-def test_kl_is_refused_for_a_teacher_with_another_vocabulary(pico_dir, tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["uld", "shared-vocab"])
+def test_each_cross_tokenizer_mode_distils_from_a_teacher_with_another_vocabulary(
+    pico_dir, cross_root, tmp_path, mode, capsys
+):
+    """The tiny LLaVA-shaped teacher (Unigram, '▁' pieces) and the Pico (byte-level BPE): the logit term is
+    logged, finite, and falls."""
     from bonsai_mlx.train import main as train
 
-    root = _kl_cache(pico_dir, tmp_path, same_vocab=False)
+    out = tmp_path / "run"
+    kl_args = ["--kl-mode", mode, "--kl-weight", "10", "--alpha", "0", "--max-steps", "20"]
+    assert train(_distill_args(pico_dir, cross_root, out, *kl_args, lr="3e-2")) == 0
+    assert f"logit loss: {mode} (as asked)" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["kl"] for r in rows]
+    assert all(np.isfinite(kl)) and min(kl[:3]) > 0 and np.mean(kl[-3:]) < 0.8 * np.mean(kl[:3]), kl
+    if mode == "shared-vocab":
+        assert all(0 < r["kl_coverage"] <= 1 for r in rows)
+
+
+def test_kl_across_vocabularies_picks_a_cross_tokenizer_mode_and_says_which(pico_dir, cross_root, tmp_path, capsys):
+    from bonsai_mlx.train import main as train
+
+    assert train(_distill_args(pico_dir, cross_root, tmp_path / "run", "--kl", "--max-steps", "2")) == 0
+    said = [x for x in capsys.readouterr().out.splitlines() if "logit loss:" in x]
+    assert len(said) == 1 and ("logit loss: uld (the vocabularies differ" in said[0] or "shared-vocab (" in said[0])
+    assert "coverage" in said[0]  # the share of the teacher's mass the shared tokens keep, whichever was picked
     with pytest.raises(SystemExit):
-        train(_distill_args(pico_dir, root, tmp_path / "run", "--kl", "--max-steps", "2"))
+        train(_distill_args(pico_dir, cross_root, tmp_path / "r2", "--kl-mode", "same-vocab", "--max-steps", "2"))
     err = capsys.readouterr().err
-    assert "--kl" in err and "do not share a vocabulary" in err
+    assert "--kl-mode same-vocab" in err and "do not share a vocabulary" in err
