@@ -145,7 +145,7 @@ def setup_distill(cfg, model, proc, train):
     if cfg.kl or cfg.kl_mode != "auto":  # naming a mode asks for the logit term too
         plan = plan_logits(cache, proc.tokenizer, cfg.kl_mode)
         print("distill: " + plan.describe())
-    shared_ids = mx.array(plan.shared.student_ids) if plan is not None and plan.shared is not None else None
+    shared_ids = mx.array(plan.normaliser_ids) if plan is not None and plan.shared is not None else None
     n_student = len(model.language_model.model.layers)
     pairs = cache_layer_map(cfg.layer_map, cache, n_student, model.config.vision.grid)
     aligners = Aligners(pairs, model.config.text.hidden_size, cache.manifest["hidden_size"])

@@ -101,12 +101,19 @@ def _mistral_sentencepiece(out: Path):
     return AutoTokenizer.from_pretrained(str(out))
 
 
-def test_the_real_qwen25_and_llama_vocabularies_share_most_text_tokens(tmp_path):
-    """The figure the README quotes: Llama-style SentencePiece (teacher) against Qwen2.5's byte-level BPE."""
+@pytest.fixture(scope="module")
+def real_vocabs(tmp_path_factory):
+    """(Llama/Mistral SentencePiece, Qwen2.5) tokenizers, built once for this module (Qwen's takes seconds)."""
     from bonsai_mlx.qwen_vocab import build_qwen25_tokenizer
 
-    llama = _mistral_sentencepiece(tmp_path / "llama")
-    qwen = build_qwen25_tokenizer(tmp_path / "qwen")
+    root = tmp_path_factory.mktemp("vocabs")
+    llama = _mistral_sentencepiece(root / "llama")
+    return llama, build_qwen25_tokenizer(root / "qwen")
+
+
+def test_the_real_qwen25_and_llama_vocabularies_share_most_text_tokens(real_vocabs):
+    """The figure the README quotes: Llama-style SentencePiece (teacher) against Qwen2.5's byte-level BPE."""
+    llama, qwen = real_vocabs
     assert len(llama) == 32000 and len(qwen) > 151643
     sv = shared_vocab_of(llama, qwen)
     ids = llama(PROSE, add_special_tokens=False)["input_ids"]
@@ -130,3 +137,40 @@ def test_the_real_qwen25_and_llama_vocabularies_share_most_text_tokens(tmp_path)
     # control tokens stand for no text and are never shared
     assert not set(llama.all_special_ids) & set(sv.teacher_ids.tolist())
     assert not set(qwen.all_special_ids) & set(sv.student_ids.tolist())
+
+
+def test_an_answer_start_compares_llamas_spaced_token_with_qwens_bare_one(real_vocabs):
+    """Vicuna's "ASSISTANT: red" gives Llama '▁red' after ':'; ChatML's "assistant\nred" gives Qwen 'red' after
+    the newline. Both predict the answer there: the unit is kept, flagged to drop the teacher's space, and the
+    stripped map pairs '▁red' with 'red' (the plain map pairs it with 'Ġred')."""
+    from bonsai_mlx.core.vocab_map import build_shared_vocab, fallback_ids
+    from train_cuda.extract import answer_start
+
+    llama, qwen = real_vocabs
+    t_text = "USER: What colour is it? ASSISTANT: red circle</s>"
+    s_text = "<|im_start|>user\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\nred circle<|im_end|>\n"
+    t = llama(t_text, add_special_tokens=False, return_offsets_mapping=True)
+    s = qwen(s_text, add_special_tokens=False, return_offsets_mapping=True)
+    ts, ss = t_text.index("red"), s_text.index("red")
+    got = answer_start(
+        llama,
+        t["input_ids"],
+        t["offset_mapping"],
+        (ts, ts + 10),
+        qwen,
+        s["input_ids"],
+        s["offset_mapping"],
+        (ss, ss + 10),
+        "red circle",
+    )
+    assert got is not None
+    tp, sp, strip = got
+    assert strip and llama.convert_ids_to_tokens(t["input_ids"][tp + 1]) == "▁red"
+    assert qwen.convert_ids_to_tokens(s["input_ids"][sp + 1]) == "red"
+    t_bytes, s_bytes = token_bytes(llama), token_bytes(qwen)
+    stripped = [b[1:] if b is not None and b.startswith(b" ") else None for b in t_bytes]
+    red = t["input_ids"][tp + 1]
+    m = build_shared_vocab(stripped, s_bytes, fallback_ids(llama), fallback_ids(qwen)).student_of(np.array([red]))
+    assert qwen.convert_ids_to_tokens(int(m[0])) == "red"
+    plain = shared_vocab_of(llama, qwen).student_of(np.array([red]))
+    assert qwen.convert_ids_to_tokens(int(plain[0])) == "Ġred"

@@ -133,7 +133,7 @@ class StudentStep(nn.Module):
 
             plan = LogitPlan("same-vocab", "the vocabularies are shared")
         self.plan = plan  # the logit loss (bonsai_mlx.core.distill_targets.LogitPlan), None: no logit term
-        shared = plan.shared.student_ids if plan is not None and plan.shared is not None else np.zeros(0, np.int64)
+        shared = plan.normaliser_ids if plan is not None and plan.shared is not None else np.zeros(0, np.int64)
         self.register_buffer("shared_ids", torch.tensor(shared, dtype=torch.long), persistent=False)
 
     def forward(self, input_ids, positions, targets, batch, frac: float = 0.0, pixel_values=None) -> dict:

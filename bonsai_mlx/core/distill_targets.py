@@ -71,7 +71,7 @@ def gather_targets(
     shared), keeps only units with some shared mass, and "kl_coverage" (mean top-k mass kept)."""
     plan = LogitPlan("same-vocab", "") if kl is True else (kl or None)
     B, L = batch.input_ids.shape
-    tpos, ipos, kpos, kids, klog = [], [], [], [], []
+    tpos, ipos, kpos, kids, klog, kstrip = [], [], [], [], [], []
     tt = {t: [] for t in layers}
     it = {t: [] for t in layers}
     for b, sid in enumerate(batch.ids):
@@ -79,11 +79,14 @@ def gather_targets(
         keep = [k for k, p in enumerate(e.text_student_pos) if p < L]
         tpos += [b * L + e.text_student_pos[k] for k in keep]
         if plan is not None and e.topk_ids is not None:
-            use = range(len(e.kl_units))
+            at = e.logit_student_pos()
+            use = range(len(at))
             if plan.mode == "same-vocab" and e.same_next is not None:
                 use = e.same_next  # ids compare only where the next token is the same in both tokenizations
-            ok = [j for j in use if e.text_student_pos[e.kl_units[j]] < L]
-            kpos += [b * L + e.text_student_pos[e.kl_units[j]] for j in ok]
+            ok = [j for j in use if at[j] < L]
+            kpos += [b * L + at[j] for j in ok]
+            strip = set(e.strip_space)
+            kstrip += [j in strip for j in ok]
             kids.append(e.topk_ids[ok])
             klog.append(e.topk_logits[ok])
         for t in layers:
@@ -100,7 +103,7 @@ def gather_targets(
         out["kl_ids"] = np.concatenate(kids).astype(np.int32) if kpos else np.zeros((0, k), np.int32)
         out["kl_logits"] = np.concatenate(klog).astype(np.float32) if kpos else np.zeros((0, k), np.float32)
         if plan.mode == "shared-vocab":
-            sids = plan.shared.student_of(out["kl_ids"])
+            sids = plan.student_ids(out["kl_ids"], np.asarray(kstrip, bool))
             p = np.exp(out["kl_logits"] - out["kl_logits"].max(-1, keepdims=True))
             kept = (p * (sids >= 0)).sum(-1) / p.sum(-1)
             out["kl_coverage"] = np.asarray(kept.mean() if len(kept) else 0.0, np.float32)
@@ -123,6 +126,22 @@ class LogitPlan:
     shared: SharedVocab | None = None
     coverage: float | None = None  # teacher top-k mass on shared tokens, mean over the cache's first units
     topk_mass: float | None = None  # teacher probability mass its stored top-k hold (format-3 caches)
+    # at answer starts whose teacher token carries the template's space: teacher strings less that space
+    shared_strip: SharedVocab | None = None
+
+    def student_ids(self, teacher_ids: np.ndarray, strip: np.ndarray | None = None) -> np.ndarray:
+        """Student ids of the teacher's top-k tokens (-1: not shared); rows flagged `strip` compare the teacher's
+        strings without their leading space."""
+        out = self.shared.student_of(teacher_ids)
+        if strip is not None and strip.any() and self.shared_strip is not None:
+            out[strip] = self.shared_strip.student_of(teacher_ids[strip])
+        return out
+
+    @property
+    def normaliser_ids(self) -> np.ndarray:
+        """The student tokens its distribution is renormalised over: every shared one."""
+        parts = [v.student_ids for v in (self.shared, self.shared_strip) if v is not None]
+        return np.unique(np.concatenate(parts)).astype(np.int32) if parts else np.zeros(0, np.int32)
 
     def describe(self) -> str:
         line = f"logit loss: {self.mode} ({self.why})"
@@ -143,31 +162,40 @@ def plan_logits(cache: CacheReader, student_tokenizer, requested: str = "auto", 
         raise UserError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --logits-topk K")
     same = cache.manifest.get("teacher_vocab") == vocab_fingerprint(student_tokenizer)
     vocab = cache.teacher_tokens()
-    shared = coverage = topk_mass = None
+    plan = LogitPlan("uld", "")
     if vocab is not None and (not same or requested == "shared-vocab"):
         tokens, fallback = vocab
-        shared = build_shared_vocab(tokens, token_bytes(student_tokenizer), fallback, fallback_ids(student_tokenizer))
-        coverage, topk_mass = _coverage(cache, shared, sample)
-    mode, why = choose_kl_mode(requested, same, coverage)
-    if mode != "shared-vocab":
-        shared = None
-    return LogitPlan(mode, why, shared, coverage, topk_mass)
+        s_tokens, s_fallback = token_bytes(student_tokenizer), fallback_ids(student_tokenizer)
+        plan.shared = build_shared_vocab(tokens, s_tokens, fallback, s_fallback)
+        stripped = [b[1:] if b is not None and b.startswith(b" ") else None for b in tokens]
+        plan.shared_strip = build_shared_vocab(stripped, s_tokens, fallback, s_fallback)
+        end = (cache.manifest.get("logits") or {}).get("end_of_turn")
+        if end and tokens[end[0]] is None and s_tokens[end[1]] is None:  # both templates' end of an answer
+            plan.shared = plan.shared.with_pair(end[0], end[1])
+        plan.coverage, plan.topk_mass = _coverage(cache, plan, sample)
+    plan.mode, plan.why = choose_kl_mode(requested, same, plan.coverage)
+    if plan.mode != "shared-vocab":
+        plan.shared = plan.shared_strip = None
+    return plan
 
 
-def _coverage(cache: CacheReader, shared: SharedVocab, sample: int) -> tuple[float, float | None]:
-    """(mean top-k mass on shared tokens, mean share of the whole distribution the top-k hold) over the units of
-    the first `sample` cached samples."""
-    ids, logits, lse = [], [], []
+def _coverage(cache: CacheReader, plan: LogitPlan, sample: int) -> tuple[float, float | None]:
+    """(mean top-k mass on shared tokens, mean share of the whole distribution the top-k hold) over the logit
+    units of the first `sample` cached samples."""
+    ids, logits, lse, strip = [], [], [], []
     for sid in list(cache.where)[:sample]:
         e = cache.get(sid)
         if e.topk_ids is not None and len(e.topk_ids):
             ids.append(e.topk_ids)
             logits.append(e.topk_logits.astype(np.float64))
             lse.append(e.topk_lse)
+            strip.append(np.isin(np.arange(len(e.topk_ids)), e.strip_space))
     if not ids:
         return 0.0, None
     ids, logits = np.concatenate(ids), np.concatenate(logits)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    kept = float(((p * (plan.student_ids(ids, np.concatenate(strip)) >= 0)).sum(-1) / p.sum(-1)).mean())
     mass = None
     if all(x is not None for x in lse):
         mass = float(np.exp(logits - np.concatenate(lse)[:, None]).sum(-1).mean())
-    return shared.mass_coverage(ids, logits), mass
+    return kept, mass

@@ -15,7 +15,8 @@ Written once on a GPU by `train_cuda.extract`, read by both `train_cuda.distill`
                                    (bonsai_mlx.core.vocab_map.encode_tokens), so cross-tokenizer logit losses
                                    need nothing but the cache; shards then also hold "<id>/topk_ids",
                                    "<id>/topk_logits" and "<id>/topk_lse" (k ids, logits, and the logsumexp over
-                                   the whole vocabulary) at every aligned text unit
+                                   the whole vocabulary) at every aligned text unit and at the last prompt
+                                   token before each answer
 """
 
 from __future__ import annotations
@@ -67,14 +68,27 @@ class Entry:
     text_teacher_pos: list[int]
     text: dict[int, np.ndarray]  # layer -> (units, D)
     image: dict[int, np.ndarray]  # layer -> (student_grid^2, D), empty for text-only samples
-    # with --logits-topk: the teacher's top-k next-token logits at text units
-    kl_units: list[int] = field(default_factory=list)  # indices into the text units
-    topk_ids: np.ndarray | None = None  # (len(kl_units), k) int32
-    topk_logits: np.ndarray | None = None  # (len(kl_units), k)
-    topk_lse: np.ndarray | None = None  # (len(kl_units),) logsumexp of all the teacher's logits (format 3)
-    # indices into kl_units whose next token is the same in both tokenizations (where ids compare in the
-    # same-vocab mode); None: all of them (format-2 caches stored only those units)
+    # with --logits-topk: the teacher's top-k next-token logits at logit units (format 3: every aligned text unit,
+    # then the last prompt token before each answer, at these positions; format 2: `kl_units`, indices into the
+    # text units whose next token is the same in both tokenizations)
+    kl_units: list[int] = field(default_factory=list)
+    topk_ids: np.ndarray | None = None  # (units, k) int32
+    topk_logits: np.ndarray | None = None  # (units, k)
+    topk_lse: np.ndarray | None = None  # (units,) logsumexp of all the teacher's logits (format 3)
+    # indices of the logit units whose next token is the same in both tokenizations (where ids compare in the
+    # same-vocab mode); None: all of them (format 2 stored only those)
     same_next: list[int] | None = None
+    kl_student_pos: list[int] | None = None
+    kl_teacher_pos: list[int] | None = None
+    # indices of the logit units where the teacher's next token carries a space the student's does not (an
+    # answer start after "ASSISTANT:"): its strings compare without that leading space
+    strip_space: list[int] = field(default_factory=list)
+
+    def logit_student_pos(self) -> list[int]:
+        """Student positions of the logit units, whichever format stored them."""
+        if self.kl_student_pos is not None:
+            return self.kl_student_pos
+        return [self.text_student_pos[k] for k in self.kl_units]
 
 
 class PcaFit:
@@ -183,7 +197,11 @@ class CacheWriter:
                 tensors[f"{sid}/image/{layer}"] = self._store(a, layer)
             index[sid] = {"text_student_pos": e.text_student_pos, "text_teacher_pos": e.text_teacher_pos}
             if e.topk_ids is not None:
-                index[sid]["kl_units"] = e.kl_units
+                if e.kl_student_pos is not None:
+                    index[sid]["kl_pos"], index[sid]["kl_teacher_pos"] = e.kl_student_pos, e.kl_teacher_pos
+                    index[sid]["strip_space"] = e.strip_space
+                else:
+                    index[sid]["kl_units"] = e.kl_units
                 if e.same_next is not None:
                     index[sid]["same_next"] = e.same_next
                 tensors[f"{sid}/topk_ids"] = np.ascontiguousarray(e.topk_ids, dtype=np.int32)
@@ -249,9 +267,10 @@ class CacheReader:
             text = {L: self._expand(a, L) for L, a in text.items()}
             image = {L: self._expand(a, L) for L, a in image.items()}
         e = Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)
-        if "kl_units" in meta:
-            e.kl_units = meta["kl_units"]
-            e.same_next = meta.get("same_next")
+        if "kl_units" in meta or "kl_pos" in meta:
+            e.kl_units = meta.get("kl_units", [])
+            e.kl_student_pos, e.kl_teacher_pos = meta.get("kl_pos"), meta.get("kl_teacher_pos")
+            e.same_next, e.strip_space = meta.get("same_next"), meta.get("strip_space", [])
             e.topk_ids, e.topk_logits = f.get_tensor(f"{sid}/topk_ids"), f.get_tensor(f"{sid}/topk_logits")
             if f"{sid}/topk_lse" in keys:
                 e.topk_lse = f.get_tensor(f"{sid}/topk_lse")

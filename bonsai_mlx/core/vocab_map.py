@@ -170,6 +170,14 @@ class SharedVocab:
         ids = np.asarray(teacher_ids)
         return np.where(ids >= 0, lut[np.clip(ids, 0, None)], -1).astype(np.int32)
 
+    def with_pair(self, teacher_id: int, student_id: int) -> SharedVocab:
+        """This map plus one more pair (e.g. the two templates' end-of-turn tokens), unless either id is taken."""
+        if teacher_id in self.teacher_ids or student_id in self.student_ids:
+            return self
+        t = np.append(self.teacher_ids, np.int32(teacher_id)).astype(np.int32)
+        s = np.append(self.student_ids, np.int32(student_id)).astype(np.int32)
+        return SharedVocab(t, s, self.n_teacher + 1, self.n_student + 1)
+
     def mass_coverage(self, topk_ids: np.ndarray, topk_logits: np.ndarray, lse: np.ndarray | None = None) -> float:
         """Mean over units of the teacher probability mass that falls on shared tokens: of the top-k mass
         (each row renormalised over its k tokens), or of the whole distribution when its log-normaliser `lse`
@@ -248,11 +256,11 @@ def choose_kl_mode(requested: str, same_vocab: bool, shared_coverage: float | No
     if shared_coverage is not None and shared_coverage >= AUTO_MIN_COVERAGE:
         return "shared-vocab", (
             f"the vocabularies differ; tokens with equal strings keep {shared_coverage:.1%} of the teacher's top-k "
-            f"probability mass (>= {AUTO_MIN_COVERAGE:.0%})"
+            f"probability mass (coverage >= {AUTO_MIN_COVERAGE:.0%})"
         )
     why = (
         "the cache holds no teacher token strings"
         if shared_coverage is None
-        else f"tokens with equal strings keep only {shared_coverage:.1%} of the teacher's top-k mass"
+        else f"tokens with equal strings keep only {shared_coverage:.1%} of the teacher's top-k mass (coverage)"
     )
     return "uld", f"the vocabularies differ and {why}; ULD compares sorted probabilities, needing no shared tokens"

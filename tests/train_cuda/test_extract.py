@@ -168,18 +168,30 @@ def test_logits_topk_across_vocabularies_stores_every_unit_and_the_teachers_toke
     tokens, fallback = cache.teacher_tokens()
     assert tokens == token_bytes(t.tokenizer, t.model.config.text_config.vocab_size)
     e = cache.get("s0")
-    assert e.kl_units == list(range(len(e.text_student_pos))) and e.same_next is not None
     proc = Processor(pico_dir, PicoConfig.load(pico_dir))
     from train_cuda.extract import plan_sample
 
     plan = plan_sample(json.loads((data / "d.json").read_text())[0], t, proc, str(data / "img"))
+    # the aligned units, then the answer's start: the last prompt token in each, where both predict "The"
+    assert len(plan.starts) == 1
+    (t_start, s_start, _) = plan.starts[0]
+    assert e.kl_student_pos == e.text_student_pos + [s_start] and e.kl_teacher_pos == e.text_teacher_pos + [t_start]
+    from bonsai_mlx.core.records import messages_of, place_image, tokenize
+
+    s_ids = tokenize(proc, place_image(messages_of(json.loads((data / "d.json").read_text())[0]), True)[0])[0]
+    first = proc.tokenizer.decode([s_ids[s_start + 1]]).strip()
+    assert first and first == t.tokenizer.decode([plan.t_ids[t_start + 1]]).strip() and "The".startswith(first)
     px = t.pixel_values(__import__("PIL.Image").Image.open(data / "img" / "0.png").convert("RGB"))
     _, (vals, ids, lse) = t.hidden_states([plan.t_ids], px, [-1], topk=4)
-    np.testing.assert_array_equal(e.topk_ids, ids[0, e.text_teacher_pos])
-    np.testing.assert_allclose(e.topk_logits, vals[0, e.text_teacher_pos], atol=1e-2)
-    np.testing.assert_allclose(e.topk_lse, lse[0, e.text_teacher_pos], atol=1e-4)
+    np.testing.assert_array_equal(e.topk_ids, ids[0, e.kl_teacher_pos])
+    np.testing.assert_allclose(e.topk_logits, vals[0, e.kl_teacher_pos], atol=1e-2)
+    np.testing.assert_allclose(e.topk_lse, lse[0, e.kl_teacher_pos], atol=1e-4)
     assert (e.topk_lse >= e.topk_logits.max(-1) - 1e-2).all()  # a normaliser over more than the top-k
     assert len(shared_vocab_of(t.tokenizer, proc.tokenizer)) > 0
+    # after the answer, each template ends the turn with its own control token: the same event
+    end_t, end_s = cache.manifest["logits"]["end_of_turn"]
+    assert t.tokenizer.convert_ids_to_tokens(end_t) == "</s>" and tokens[end_t] is None
+    assert end_s in proc.stop_ids
 
 
 def test_logits_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
@@ -193,7 +205,7 @@ def test_logits_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
     cache = CacheReader(tmp_path / "cache", proc.tokenizer)
     assert cache.logits_topk == 5
     e = cache.get("s0")
-    assert e.topk_ids.shape == e.topk_logits.shape == (len(e.kl_units), 5)
+    assert e.topk_ids.shape == e.topk_logits.shape == (len(e.kl_student_pos), 5)
     # shared tokenizer: every answer token but the last (whose successor is each template's own end) compares
     assert len(e.same_next) >= len(e.text_student_pos) - 1 >= 3
     t = Teacher.load(str(teacher))
@@ -204,9 +216,8 @@ def test_logits_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
     assert e.same_next == plan.same_next
     px = t.pixel_values(__import__("PIL.Image").Image.open(data / "img" / "0.png").convert("RGB"))
     _, (vals, ids, _) = t.hidden_states([plan.t_ids], px, [-1], topk=5)
-    at = [e.text_teacher_pos[k] for k in e.kl_units]
-    np.testing.assert_array_equal(e.topk_ids, ids[0, at])
-    np.testing.assert_allclose(e.topk_logits, vals[0, at], atol=1e-2)
+    np.testing.assert_array_equal(e.topk_ids, ids[0, e.kl_teacher_pos])
+    np.testing.assert_allclose(e.topk_logits, vals[0, e.kl_teacher_pos], atol=1e-2)
 
 
 def test_a_format_2_cache_still_reads_and_an_unknown_format_is_refused_in_one_line(
