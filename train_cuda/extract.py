@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="K",
-        help="also store the teacher's top-K next-token logits at every aligned text unit, and its token strings "
-        "(for distill --kl in any --kl-mode: same vocabulary or not)",
+        help="also store the teacher's top-K next-token logits at every aligned text unit and answer start, and "
+        "its token strings (for distill --kl in any --kl-mode: same vocabulary or not)",
     )
     from bonsai_mlx.core.errors import glue_negative_lists
 

@@ -1,4 +1,5 @@
-"""What the teacher cache gives a training batch: the layer map, the aligned units' targets, the KL checks.
+"""What the teacher cache gives a training batch: the layer map, the aligned units' targets, and which logit
+loss a run uses (`plan_logits`: same-vocab KL, ULD or shared-vocab KL, with the token map and its coverage).
 
 Plain numpy, shared by `bonsai_mlx.distill` (MLX) and `train_cuda.trainer` (PyTorch).
 """
