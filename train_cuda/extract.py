@@ -157,6 +157,9 @@ def run(a) -> int:
             plans.append(plan_sample(rec, teacher, student, a.image_root, sid))
         except (BadSample, ValueError) as e:
             bad[sid] = str(e)
+    if vocab_fingerprint(teacher.tokenizer) != vocab_fingerprint(student.tokenizer):
+        for p in plans:
+            p.same_next = []  # ids of two vocabularies never compare, even where the numbers happen to be equal
     hidden = teacher.model.config.text_config.hidden_size
     s_grid = scfg.vision.grid
     units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)

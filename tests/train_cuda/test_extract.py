@@ -176,6 +176,7 @@ def test_logits_topk_across_vocabularies_stores_every_unit_and_the_teachers_toke
     assert len(plan.starts) == 1
     (t_start, s_start, _) = plan.starts[0]
     assert e.kl_student_pos == e.text_student_pos + [s_start] and e.kl_teacher_pos == e.text_teacher_pos + [t_start]
+    assert e.same_next == []  # two vocabularies: no unit compares ids
     from bonsai_mlx.core.records import messages_of, place_image, tokenize
 
     s_ids = tokenize(proc, place_image(messages_of(json.loads((data / "d.json").read_text())[0]), True)[0])[0]
