@@ -193,6 +193,11 @@ def test_logits_topk_across_vocabularies_stores_every_unit_and_the_teachers_toke
     end_t, end_s = cache.manifest["logits"]["end_of_turn"]
     assert t.tokenizer.convert_ids_to_tokens(end_t) == "</s>" and tokens[end_t] is None
     assert end_s in proc.stop_ids
+    from bonsai_mlx.core.distill_targets import plan_logits
+
+    plan = plan_logits(cache, proc.tokenizer, "shared-vocab")
+    assert plan.student_ids(np.array([[end_t]]))[0, 0] == end_s and end_s in plan.normaliser_ids
+    assert "coverage" in plan.describe() and 0 < plan.coverage <= 1 and 0 < plan.topk_mass <= 1
 
 
 def test_logits_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
