@@ -2,9 +2,9 @@
 
 L_feat = mean over matched layers of the MSE between the cached (LayerNorm-normalised) teacher
 states and LayerNorm(Proj_l(h_student)) at the aligned units, image and text units weighted
-equally. L_logit compares next-token distributions at aligned text units in one of the modes of
-`bonsai_mlx.core.vocab_map` (same-vocab KL, ULD, shared-vocab KL). `train_cuda.losses` computes the
-same numbers in PyTorch (tested).
+equally. L_logit compares next-token distributions at aligned text units and answer starts in one
+of the modes of `bonsai_mlx.core.vocab_map` (same-vocab KL, ULD, shared-vocab KL). `train_cuda.losses`
+computes the same numbers in PyTorch (tested).
 """
 
 from __future__ import annotations
