@@ -20,7 +20,7 @@ def test_shapes_kd_quick_runs_end_to_end_and_reports(tmp_path, capsys):
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["teacher_grid"] == 6 and manifest["student_grid"] != 6  # different grids, aligned by pooling
     assert manifest["logits"]["topk"] == 8 and manifest["teacher_vocab"] != manifest["student_tokenizer"]
-    assert "coverage" in res["logits"]
+    assert "top-k probability mass" in res["logits"]
     rows = [json.loads(x) for x in (out / "feat+shared-seed0" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(rows[-1]["kl"]) and 0 < rows[-1]["kl_coverage"] <= 1
     md = (out / "results.md").read_text()

@@ -193,7 +193,12 @@ def _logit_note(cache: Path, init: Path) -> str:
     from bonsai_mlx.core.teacher_cache import CacheReader
 
     proc = Processor(init, PicoConfig.load(init))
-    return plan_logits(CacheReader(cache), proc.tokenizer, "shared-vocab").describe()
+    p = plan_logits(CacheReader(cache), proc.tokenizer, "shared-vocab")
+    note = (
+        f"the vocabularies share {len(p.shared):,} tokens ({p.shared.coverage:.1%} of the teacher's text tokens), "
+        f"which keep {p.coverage:.1%} of the teacher's top-k probability mass"
+    )
+    return note + (f" (the top-k hold {p.topk_mass:.1%} of its whole distribution)" if p.topk_mass else "")
 
 
 def _train_student(
@@ -233,7 +238,7 @@ def report(summary: dict) -> str:
     if any(ARMS[a][1] for a in arms):
         lines.append(
             f"Logit arms: + {s.get('kl_weight', 1.0)} x the logit loss on the teacher's top-{s.get('logits_topk')} "
-            f"at aligned text units; {summary.get('logits', '')}."
+            f"at aligned text units and answer starts; {summary.get('logits', '')}."
         )
     lines += [
         "",
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--aspect", choices=("mixed", "square"), default=d.aspect, help="mixed: images stretched to 2:1 and 1:2 in turn"
     )
-    ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+    ap.add_argument("--seeds", default=None, help="comma list of student seeds (default 0,1,2; --quick: 0)")
     ap.add_argument(
         "--arms",
         default=None,
@@ -285,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
 
     s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__ and k not in ("seeds", "arms")})
-    s.seeds = [int(x) for x in a.seeds.split(",") if x]
     if a.quick:
         s.n_train, s.n_eval, s.teacher_steps, s.student_steps, s.seeds = 200, 20, 4, 4, [0]
         s.teacher_hidden, s.teacher_vision_hidden, s.teacher_layers, s.share = 32, 32, 2, 0.5
         s.layers, s.logits_topk = "-1,1", 8
+    if a.seeds is not None:
+        s.seeds = [int(x) for x in a.seeds.split(",") if x]
     with friendly("shapes_kd"):
         s.arms = parse_arms(a.arms) if a.arms else (list(QUICK_ARMS) if a.quick else list(ARMS))
         summary = run(s)
