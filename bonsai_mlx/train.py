@@ -16,6 +16,7 @@ from pathlib import Path
 from bonsai_mlx.core.align import FEAT_LOSSES
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.train_config import STAGES, TrainConfig
+from bonsai_mlx.core.vocab_map import KL_MODES
 from bonsai_mlx.embedded import DEFAULT, DEFAULT_DATA
 
 
@@ -84,7 +85,15 @@ def parser() -> argparse.ArgumentParser:
         "--kl",
         action="store_true",
         default=S,
-        help="distill: add logit KL to the teacher (shared vocabulary; cache made with --kl-topk)",
+        help="distill: add a logit loss to the teacher at aligned text units (cache made with --logits-topk); "
+        "across vocabularies it picks a cross-tokenizer --kl-mode and says which",
+    )
+    ap.add_argument(
+        "--kl-mode",
+        choices=KL_MODES,
+        default=S,
+        help="distill: same-vocab (KL on token ids), uld (sorted-probability L1, any tokenizers), shared-vocab "
+        "(KL over tokens with equal strings), auto (default: pick from the cache); a mode implies --kl",
     )
     ap.add_argument("--kl-weight", type=float, default=S, help="distill: weight of the KL term (default 1)")
     ap.add_argument("--kl-temperature", type=float, default=S, help="distill: softmax temperature (default 1)")

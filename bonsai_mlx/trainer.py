@@ -137,11 +137,13 @@ class Trainer:
             bm = to_mx(b)
             if self.augment is not None:
                 bm.update(self.augment(b))
-            (loss, ce), grads = self.loss_and_grad(bm, frac)
+            (loss, parts), grads = self.loss_and_grad(bm, frac)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(grads_sum, loss)
             loss_sum += loss.item()
-            aux["ce"] = aux.get("ce", 0.0) + ce.item()
+            # the loss's parts (ce; distillation adds feat, kl, kl_coverage), logged as the mean over micro-batches
+            for key, v in (parts if isinstance(parts, dict) else {"ce": parts}).items():
+                aux[key] = aux.get(key, 0.0) + v.item()
             tokens += b.n_tokens
             used += 1
         if grads_sum is None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
 from bonsai_mlx.core.teacher_cache import (
+    TOKENS_FILE,
     CacheWriter,
     Entry,
     file_fingerprint,
     tokenizer_fingerprint,
     vocab_fingerprint,
 )
+from bonsai_mlx.core.vocab_map import encode_tokens, fallback_ids, shared_vocab_of, token_bytes
 from train_cuda.teacher import Teacher, answer_spans
 
 
@@ -36,6 +39,11 @@ class Plan:
     pairs: list[tuple[int, int]]
     image: str | None
     same_next: list[int]  # units whose next token is the same in both tokenizations (where logits compare)
+    # logit units beyond `pairs`: the last prompt token before each answer, (teacher pos, student pos, strip): both
+    # models predict the answer's first token there; strip: the teacher's token carries the space before it
+    # (Llama's "▁red" after "ASSISTANT:") where the student's does not (Qwen's "red" after "assistant\n")
+    starts: list[tuple[int, int, bool]] = field(default_factory=list)
+    ends: list[tuple[int, int]] = field(default_factory=list)  # (teacher id, student id) of the token after answers
 
 
 def plan_sample(
@@ -48,17 +56,50 @@ def plan_sample(
     s_text = student.render(msgs, add_generation_prompt=False)
     t_text = teacher.render(msgs)
     t_ids, t_off = teacher.encode(t_text)
-    pairs = []
-    for ts, ss in zip(answer_spans(t_text, answers), answer_spans(s_text, answers), strict=True):
-        pairs += text_units(t_off, ts, s_off, ss)
+    pairs, starts, ends = [], [], []
+    for ts, ss, ans in zip(answer_spans(t_text, answers), answer_spans(s_text, answers), answers, strict=True):
+        units = text_units(t_off, ts, s_off, ss)
+        pairs += units
+        start = answer_start(teacher.tokenizer, t_ids, t_off, ts, student.tokenizer, s_ids, s_off, ss, ans)
+        if start is not None:
+            starts.append(start)
+        if units:  # the answer's last unit ends it: what follows is each template's end of turn
+            t, s = units[-1]
+            if t_off[t][1] == ts[1] and s_off[s][1] == ss[1] and t + 1 < len(t_ids) and s + 1 < len(s_ids):
+                ends.append((t_ids[t + 1], s_ids[s + 1]))
     img = rec.get("image")
     path = str(Path(image_root) / img) if img and image_root else img
+    # logit units: the aligned units, then the answer starts; same_next indexes that list
     same = [
         k
-        for k, (t, s) in enumerate(pairs)
+        for k, (t, s) in enumerate(pairs + [(t, s) for t, s, _ in starts])
         if t + 1 < len(t_ids) and s + 1 < len(s_ids) and t_ids[t + 1] == s_ids[s + 1]
     ]
-    return Plan(record_ids([rec])[0] if sid is None else sid, t_ids, pairs, path, same)
+    return Plan(record_ids([rec])[0] if sid is None else sid, t_ids, pairs, path, same, starts, ends)
+
+
+def answer_start(t_tok, t_ids, t_off, t_span, s_tok, s_ids, s_off, s_span, answer: str):
+    """(teacher pos, student pos, strip) of the last prompt token before an answer in each tokenization, when
+    the token after it begins the answer in both (the teacher's possibly with the one space its template puts
+    before the answer: strip); None when a token straddles the prompt and the answer in another way."""
+    from bonsai_mlx.core.vocab_map import piece_bytes, scheme_of
+
+    def before(ids, off, span, tok):
+        last = [i for i, (a, b) in enumerate(off) if b > a and b <= span[0] and i + 1 < len(ids)]
+        if not last:
+            return None
+        i = last[-1]
+        return i, piece_bytes(tok.convert_ids_to_tokens(ids[i + 1]), scheme_of(tok))
+
+    t, s = before(t_ids, t_off, t_span, t_tok), before(s_ids, s_off, s_span, s_tok)
+    if t is None or s is None or t[1] is None or s[1] is None:
+        return None
+    text = answer.encode("utf-8")
+    strip = t[1].startswith(b" ") and not s[1].startswith(b" ") and not text.startswith(b" ")
+    t_next = t[1][1:] if strip else t[1]
+    if not (t_next and s[1] and text.startswith(t_next[: len(text)]) and text.startswith(s[1][: len(text)])):
+        return None
+    return t[0], s[0], strip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pca", type=int, metavar="K", help="store K PCA coordinates per state instead of all of them")
     ap.add_argument("--pca-samples", type=int, default=256, help="samples the PCA basis is fitted on")
     ap.add_argument(
+        "--logits-topk",
         "--kl-topk",
+        dest="logits_topk",
         type=int,
         default=0,
         metavar="K",
-        help="also store the teacher's top-K next-token logits (for distill --kl; needs a shared vocabulary)",
+        help="also store the teacher's top-K next-token logits at every aligned text unit and answer start, and "
+        "its token strings (for distill --kl in any --kl-mode: same vocabulary or not)",
     )
     from bonsai_mlx.core.errors import glue_negative_lists
 
@@ -100,8 +144,8 @@ def run(a) -> int:
     scfg = PicoConfig.load(sdir)
     student = Processor(sdir, scfg)
     teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit)
-    if a.kl_topk:
-        refuse_kl_unless_shared(teacher.tokenizer, student.tokenizer, "--kl-topk")
+    if a.logits_topk < 0:
+        raise UserError(f"--logits-topk must be a positive number of logits per unit, got {a.logits_topk}")
     if teacher.device == "cpu":
         print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
     records = read_records(a.data)
@@ -113,6 +157,9 @@ def run(a) -> int:
             plans.append(plan_sample(rec, teacher, student, a.image_root, sid))
         except (BadSample, ValueError) as e:
             bad[sid] = str(e)
+    if vocab_fingerprint(teacher.tokenizer) != vocab_fingerprint(student.tokenizer):
+        for p in plans:
+            p.same_next = []  # ids of two vocabularies never compare, even where the numbers happen to be equal
     hidden = teacher.model.config.text_config.hidden_size
     s_grid = scfg.vision.grid
     units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)
@@ -141,11 +188,28 @@ def run(a) -> int:
         "load_4bit": bool(a.load_4bit),
         "max_samples": a.max_samples,
     }
-    if a.kl_topk:
-        manifest["kl_topk"] = a.kl_topk
+    vocab_size = teacher.model.config.text_config.vocab_size  # the LM head's width (may exceed the tokenizer)
+    if a.logits_topk:
+        ends = Counter(e for p in plans for e in p.ends)
+        manifest["logits"] = {
+            "topk": min(a.logits_topk, vocab_size),
+            "units": "every aligned text unit, then the last prompt token before each answer (same_next: units "
+            "whose next token is the same in both; strip_space: the teacher's next token carries a leading space)",
+            "tokens": TOKENS_FILE,
+            "vocab_size": vocab_size,
+            # the tokens that follow an answer in each template (e.g. </s> and <|im_end|>): the same event
+            "end_of_turn": list(ends.most_common(1)[0][0]) if ends else None,
+        }
     if a.pca:
         manifest["pca"] = width
     writer = CacheWriter(a.out, manifest, a.per_shard)
+    if a.logits_topk:
+        writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab_size)), fallback_ids(teacher.tokenizer))
+        shared = shared_vocab_of(teacher.tokenizer, student.tokenizer)
+        print(
+            f"teacher logits: top-{manifest['logits']['topk']} per aligned unit; {len(shared):,} of the teacher's "
+            f"{shared.n_teacher:,} text tokens ({shared.coverage:.1%}) have an equal-string student token"
+        )
     if a.pca and not writer.has_basis():
         writer.set_basis(fit_basis(teacher, plans[: a.pca_samples], layers, s_grid, width, a.batch_size))
     # shards are cut from the planned ids (skipped ones included), so a resume over other inputs redoes them
@@ -160,7 +224,7 @@ def run(a) -> int:
             continue
         entries = {}
         for batch, pixels in prefetched(teacher, shard, a.batch_size, bad):
-            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.kl_topk, pixels))
+            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.logits_topk, pixels))
             bar.update(len(batch))
         writer.write_shard(k, entries, sids)
     bar.close()
@@ -189,15 +253,6 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
         basis[L] = (mean, comps)
         print(f"PCA layer {L}: {k} components keep {kept:.1%} of the variance")
     return basis
-
-
-def refuse_kl_unless_shared(teacher_tok, student_tok, flag: str) -> None:
-    """Logit KL compares distributions over token ids: meaningless unless both models share the vocabulary."""
-    if vocab_fingerprint(teacher_tok) != vocab_fingerprint(student_tok):
-        raise UserError(
-            f"{flag}: the teacher's vocabulary ({len(teacher_tok):,} tokens) and the student's ({len(student_tok):,}) "
-            "differ, so their next-token distributions cannot be compared; distil with the feature loss alone"
-        )
 
 
 def load_pixels(teacher: Teacher, batch: list[Plan], bad: dict) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
@@ -277,11 +332,15 @@ def extract_batch(
             text = {L: st[b, at].cpu().numpy() for L, st in zip(layers, states, strict=True)}
             image = {L: pooled[L][b] for L in pooled}
             e = out[p.sid] = Entry([s for _, s in p.pairs], at, text, image)
-            if top is not None:
-                kat = [p.pairs[k][0] for k in p.same_next]
-                e.kl_units = p.same_next
+            if top is not None:  # aligned units and answer starts; same-vocab KL uses those whose next token is shared
+                kat = at + [t for t, _, _ in p.starts]
+                e.kl_teacher_pos = kat
+                e.kl_student_pos = [s for _, s in p.pairs] + [s for _, s, _ in p.starts]
+                e.same_next = list(p.same_next)
+                e.strip_space = [len(p.pairs) + j for j, (_, _, strip) in enumerate(p.starts) if strip]
                 e.topk_logits = top[0][b, kat].cpu().numpy()
                 e.topk_ids = top[1][b, kat].cpu().numpy().astype(np.int32)
+                e.topk_lse = top[2][b, kat].cpu().numpy().astype(np.float32)
     return out
 
 

@@ -1,7 +1,9 @@
-"""The distillation loss in PyTorch: the same definition and numbers as `bonsai_mlx.distill`."""
+"""The distillation loss in PyTorch: the same definitions and numbers as `bonsai_mlx.distill` (feature loss and
+the logit losses of every `--kl-mode`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,52 @@ def kl_loss(
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
 
 
+def uld_loss(student_logits: torch.Tensor, topk_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """ULD: mean L1 between the teacher's top-k probabilities (renormalised over its k) and the student's k largest
+    (full softmax), each sorted in decreasing order (Wasserstein-1 of sorted distributions)."""
+    if topk_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    k = topk_logits.shape[-1]
+    p = F.softmax(topk_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    q = F.softmax(student_logits.float() / temperature, dim=-1)
+    qk = q.topk(min(k, q.shape[-1]), dim=-1).values  # sorted, differentiable
+    if qk.shape[-1] < k:  # a student vocabulary smaller than k: its missing ranks hold no probability
+        qk = F.pad(qk, (0, k - qk.shape[-1]))
+    return (p - qk).abs().sum(-1).mean()
+
+
+def shared_kl_loss(
+    student_logits: torch.Tensor,
+    topk_logits: torch.Tensor,
+    student_ids: torch.Tensor,
+    shared_ids: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """KL over the shared sub-vocabulary: teacher top-k renormalised over its tokens the student has
+    (`student_ids` >= 0), student softmax renormalised over all shared tokens (`shared_ids`); mean, times T^2."""
+    if student_ids.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    valid = student_ids >= 0
+    t = torch.where(valid, topk_logits.float() / temperature, torch.full_like(topk_logits.float(), -1e9))
+    log_p = F.log_softmax(t, dim=-1)
+    s = student_logits.float() / temperature
+    lse = torch.logsumexp(s.index_select(-1, shared_ids.long()), dim=-1, keepdim=True)
+    log_q = s.gather(-1, student_ids.long().clamp_min(0)) - lse
+    kl = torch.where(valid, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+    return kl.sum(-1).mean() * temperature**2
+
+
+def logit_loss(
+    mode: str, student_logits: torch.Tensor, d: dict, temperature: float = 1.0, shared_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The logit term of `mode` (a `LogitPlan.mode`) on the units `gather_targets` gave (`d`)."""
+    if mode == "uld":
+        return uld_loss(student_logits, d["kl_logits"], temperature)
+    if mode == "shared-vocab":
+        return shared_kl_loss(student_logits, d["kl_logits"], d["kl_sids"], shared_ids, temperature)
+    return kl_loss(student_logits, d["kl_logits"], d["kl_ids"], temperature)
+
+
 def distill_loss(
     ce: torch.Tensor, feat: torch.Tensor, alpha: float, alpha_end: float | None, frac: float
 ) -> torch.Tensor:
@@ -75,11 +123,18 @@ class StudentStep(nn.Module):
     """The student (peft model) and its aligners as one module whose forward returns the losses: what
     accelerate prepares, so DDP sees (and all-reduces) every trainable, aligners included."""
 
-    def __init__(self, model, aligners, distill_args, image_token_id: int, cache):
+    def __init__(self, model, aligners, distill_args, image_token_id: int, cache, plan=None):
         super().__init__()
         self.model, self.aligners = model, aligners
         self.a, self.image_token_id, self.cache = distill_args, image_token_id, cache
         self.keep = sorted({s for _, s in aligners.pairs}) if aligners is not None else []
+        if plan is None and distill_args is not None and getattr(distill_args, "kl", False):
+            from bonsai_mlx.core.distill_targets import LogitPlan
+
+            plan = LogitPlan("same-vocab", "the vocabularies are shared")
+        self.plan = plan  # the logit loss (bonsai_mlx.core.distill_targets.LogitPlan), None: no logit term
+        shared = plan.normaliser_ids if plan is not None and plan.shared is not None else np.zeros(0, np.int64)
+        self.register_buffer("shared_ids", torch.tensor(shared, dtype=torch.long), persistent=False)
 
     def forward(self, input_ids, positions, targets, batch, frac: float = 0.0, pixel_values=None) -> dict:
         from bonsai_mlx.core.distill_targets import gather_targets
@@ -97,7 +152,7 @@ class StudentStep(nn.Module):
         layers = [t for t, _ in self.aligners.pairs]
         d = {
             k: torch.tensor(v, device=dev)
-            for k, v in gather_targets(self.cache, batch, self.image_token_id, layers, a.kl).items()
+            for k, v in gather_targets(self.cache, batch, self.image_token_id, layers, self.plan).items()
         }
         for k in ("text_pos", "image_pos", "kl_pos"):
             if k in d:
@@ -107,10 +162,12 @@ class StudentStep(nn.Module):
         feat = feat + 0.0 * sum(p.sum() for p in self.aligners.parameters())
         loss = distill_loss(ce, feat, a.alpha, a.alpha_end, frac)
         parts["feat"] = feat
-        if a.kl:
+        if self.plan is not None:
             hk = h.reshape(-1, h.shape[-1])[d["kl_pos"]]
-            kl = kl_loss(llava.lm_head(hk), d["kl_logits"], d["kl_ids"], a.kl_temperature)
+            kl = logit_loss(self.plan.mode, llava.lm_head(hk), d, a.kl_temperature, self.shared_ids)
             loss = loss + a.kl_weight * kl
             parts["kl"] = kl
+            if "kl_coverage" in d:
+                parts["kl_coverage"] = d["kl_coverage"]
         parts["loss"] = loss
         return parts

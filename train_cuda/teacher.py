@@ -86,12 +86,13 @@ class Teacher:
 
     def hidden_states(
         self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int], topk: int = 0
-    ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    ) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
         """LayerNorm-normalised (parameter-free) states of `layers`, (B, L, D) float32 each, right-padded batch;
-        with `topk`, also the top-k next-token logits at every position: (values, ids), each (B, L, k)."""
+        with `topk`, also the top-k next-token logits at every position: (values, ids), each (B, L, k), and the
+        logsumexp over the whole vocabulary (B, L) (what the top-k's probabilities are relative to)."""
         states, top = self.forward(ids, pixels, layers, topk)
         if top is not None:
-            top = (top[0].cpu().numpy(), top[1].cpu().numpy().astype(np.int32))
+            top = (top[0].cpu().numpy(), top[1].cpu().numpy().astype(np.int32), top[2].cpu().numpy())
         return [s.cpu().numpy() for s in states], top
 
     def patch_states(self, image_states):
@@ -121,8 +122,11 @@ class Teacher:
             out = self.model(input_ids=inp, output_hidden_states=True, **kw)
         hs = out.hidden_states
         states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]) for k in layers]
-        top = out.logits.float().topk(topk, dim=-1) if topk else None
-        return states, (tuple(top) if top is not None else None)
+        if not topk:
+            return states, None
+        logits = out.logits.float()
+        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+        return states, (values, ids, torch.logsumexp(logits, dim=-1))
 
 
 def image_tokens(model) -> tuple[int, int, int]:

@@ -18,6 +18,7 @@ from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import Dataset, read_records
 from bonsai_mlx.core.train_config import TrainConfig
+from bonsai_mlx.core.vocab_map import KL_MODES
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -61,7 +62,19 @@ def add_distill_args(ap: argparse.ArgumentParser) -> None:
         "--feat-loss", choices=FEAT_LOSSES, default=d.feat_loss, help=f"distance to the teacher states ({d.feat_loss})"
     )
     ap.add_argument("--layer-map", help="teacher:student layer pairs, e.g. -1:-1,16:12 (default: relative depth)")
-    ap.add_argument("--kl", action="store_true", help="add logit KL (shared vocabulary; cache made with --kl-topk)")
+    ap.add_argument(
+        "--kl",
+        action="store_true",
+        help="add a logit loss at aligned text units (cache made with --logits-topk); across vocabularies it picks "
+        "a cross-tokenizer --kl-mode and says which",
+    )
+    ap.add_argument(
+        "--kl-mode",
+        choices=KL_MODES,
+        default=d.kl_mode,
+        help="same-vocab (KL on token ids), uld (sorted-probability L1, any tokenizers), shared-vocab (KL over "
+        "tokens with equal strings), auto (pick from the cache); a mode other than auto implies --kl",
+    )
     ap.add_argument("--kl-weight", type=float, default=d.kl_weight)
     ap.add_argument("--kl-temperature", type=float, default=d.kl_temperature)
 
@@ -93,16 +106,17 @@ def train(a, distill: bool) -> dict:
     acc.print("student: " + "; ".join(notes))
     ds = Dataset.build(read_records(a.data), proc, a.image_root, a.max_length)
     acc.print(f"train data: {ds.summary()}")
-    aligners = cache = None
+    aligners = cache = plan = None
     if distill:
         from bonsai_mlx.core.distill_targets import cache_layer_map
         from bonsai_mlx.core.teacher_cache import CacheReader
 
         cache = CacheReader(a.teacher_cache, proc.tokenizer, proc.chat_template)
-        if a.kl:
-            from bonsai_mlx.core.distill_targets import check_kl
+        if a.kl or a.kl_mode != "auto":  # naming a mode asks for the logit term too
+            from bonsai_mlx.core.distill_targets import plan_logits
 
-            check_kl(cache, proc.tokenizer)
+            plan = plan_logits(cache, proc.tokenizer, a.kl_mode)
+            acc.print("distill: " + plan.describe())
         missing = [e.id for e in ds.examples if e.id not in cache]
         if missing:
             acc.print(f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); skipped")
@@ -110,7 +124,7 @@ def train(a, distill: bool) -> dict:
         pairs = cache_layer_map(a.layer_map, cache, scfg.text.num_hidden_layers, scfg.vision.grid)
         acc.print("layer map (teacher:student): " + ",".join(f"{t}:{s}" for t, s in pairs))
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"])
-    step_module = StudentStep(model, aligners, a if distill else None, proc.image_token_id, cache)
+    step_module = StudentStep(model, aligners, a if distill else None, proc.image_token_id, cache, plan)
     step_module.to(acc.device)
     params = [p for p in step_module.parameters() if p.requires_grad]
     schedule = BatchSchedule(

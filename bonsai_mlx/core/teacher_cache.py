@@ -11,6 +11,12 @@ Written once on a GPU by `train_cuda.extract`, read by both `train_cuda.distill`
                                    of the text units}; written last, it marks the shard done for those ids
     CACHE/pca.safetensors          with --pca K: per layer mean and K components; shards then hold K-dim
                                    coordinates and the reader maps them back to the hidden size
+    CACHE/teacher_tokens.json      with --logits-topk K (format 3): the string each teacher token id stands for
+                                   (bonsai_mlx.core.vocab_map.encode_tokens), so cross-tokenizer logit losses
+                                   need nothing but the cache; shards then also hold "<id>/topk_ids",
+                                   "<id>/topk_logits" and "<id>/topk_lse" (k ids, logits, and the logsumexp over
+                                   the whole vocabulary) at every aligned text unit and at the last prompt
+                                   token before each answer
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ import numpy as np
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
 
-FORMAT = 2
-READS = (1, 2)  # format 1: shard .json = the entries alone, no planned ids (read, never resumed)
+FORMAT = 2  # written when the cache holds no cross-tokenizer logits (readers since format 2 read it)
+FORMAT_LOGITS = 3  # with manifest["logits"]: top-k at every aligned unit, teacher token strings
+READS = (1, 2, 3)  # format 1: shard .json = the entries alone, no planned ids (read, never resumed)
+TOKENS_FILE = "teacher_tokens.json"
 # Inputs that may change between an extraction and its resume: shards whose planned ids differ are redone.
 RESUMABLE = ("max_samples",)
 
@@ -60,10 +68,27 @@ class Entry:
     text_teacher_pos: list[int]
     text: dict[int, np.ndarray]  # layer -> (units, D)
     image: dict[int, np.ndarray]  # layer -> (student_grid^2, D), empty for text-only samples
-    # with --kl-topk (shared vocabulary only): the teacher's top-k next-token logits at some text units
-    kl_units: list[int] = field(default_factory=list)  # indices into the text units
-    topk_ids: np.ndarray | None = None  # (len(kl_units), k) int32
-    topk_logits: np.ndarray | None = None  # (len(kl_units), k)
+    # with --logits-topk: the teacher's top-k next-token logits at logit units (format 3: every aligned text unit,
+    # then the last prompt token before each answer, at these positions; format 2: `kl_units`, indices into the
+    # text units whose next token is the same in both tokenizations)
+    kl_units: list[int] = field(default_factory=list)
+    topk_ids: np.ndarray | None = None  # (units, k) int32
+    topk_logits: np.ndarray | None = None  # (units, k)
+    topk_lse: np.ndarray | None = None  # (units,) logsumexp of all the teacher's logits (format 3)
+    # indices of the logit units whose next token is the same in both tokenizations (where ids compare in the
+    # same-vocab mode); None: all of them (format 2 stored only those)
+    same_next: list[int] | None = None
+    kl_student_pos: list[int] | None = None
+    kl_teacher_pos: list[int] | None = None
+    # indices of the logit units where the teacher's next token carries a space the student's does not (an
+    # answer start after "ASSISTANT:"): its strings compare without that leading space
+    strip_space: list[int] = field(default_factory=list)
+
+    def logit_student_pos(self) -> list[int]:
+        """Student positions of the logit units, whichever format stored them."""
+        if self.kl_student_pos is not None:
+            return self.kl_student_pos
+        return [self.text_student_pos[k] for k in self.kl_units]
 
 
 class PcaFit:
@@ -97,7 +122,8 @@ class CacheWriter:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         mpath = self.root / "manifest.json"
-        manifest = {"format": FORMAT, "samples_per_shard": per_shard, **manifest}
+        fmt = FORMAT_LOGITS if manifest.get("logits") else FORMAT
+        manifest = {"format": fmt, "samples_per_shard": per_shard, **manifest}
         if mpath.is_file():
             old = json.loads(mpath.read_text())
             diff = [k for k in set(manifest) | set(old) if old.get(k) != manifest.get(k) and k not in RESUMABLE]
@@ -113,6 +139,12 @@ class CacheWriter:
         self.manifest = manifest
         self.per_shard = per_shard
         self.basis = _read_basis(self.root) if manifest.get("pca") else None
+
+    def write_tokens(self, tokens: list, byte_fallback: list[int] | None = None) -> None:
+        """The teacher's token strings (`vocab_map.encode_tokens`) and the ids of its byte-fallback pieces, once
+        per cache, atomically."""
+        doc = {"tokens": tokens, "byte_fallback": sorted(byte_fallback or [])}
+        atomic_write_text(self.root / TOKENS_FILE, json.dumps(doc))
 
     def has_basis(self) -> bool:
         return self.basis is not None
@@ -165,9 +197,17 @@ class CacheWriter:
                 tensors[f"{sid}/image/{layer}"] = self._store(a, layer)
             index[sid] = {"text_student_pos": e.text_student_pos, "text_teacher_pos": e.text_teacher_pos}
             if e.topk_ids is not None:
-                index[sid]["kl_units"] = e.kl_units
+                if e.kl_student_pos is not None:
+                    index[sid]["kl_pos"], index[sid]["kl_teacher_pos"] = e.kl_student_pos, e.kl_teacher_pos
+                    index[sid]["strip_space"] = e.strip_space
+                else:
+                    index[sid]["kl_units"] = e.kl_units
+                if e.same_next is not None:
+                    index[sid]["same_next"] = e.same_next
                 tensors[f"{sid}/topk_ids"] = np.ascontiguousarray(e.topk_ids, dtype=np.int32)
                 tensors[f"{sid}/topk_logits"] = np.ascontiguousarray(e.topk_logits, dtype=np.float16)
+                if e.topk_lse is not None:
+                    tensors[f"{sid}/topk_lse"] = np.ascontiguousarray(e.topk_lse, dtype=np.float32)
         name = f"shard-{k:05d}"
         tmp = self.root / f".{name}.tmp.safetensors"
         save_file(tensors, str(tmp))
@@ -184,7 +224,10 @@ class CacheReader:
             raise InputNotFound(f"{mpath}: not found (make the cache with python -m train_cuda.extract)")
         self.manifest = json.loads(mpath.read_text())
         if self.manifest.get("format") not in READS:
-            raise UserError(f"{mpath}: cache format {self.manifest.get('format')}, this version reads {READS}")
+            raise UserError(
+                f"{mpath}: cache format {self.manifest.get('format')!r}, this version reads formats "
+                f"{', '.join(map(str, READS))}; re-extract the cache or update bonsai_mlx"
+            )
         if student_tokenizer is not None:
             fp = tokenizer_fingerprint(student_tokenizer, chat_template)
             if fp != self.manifest["student_tokenizer"]:
@@ -224,10 +267,38 @@ class CacheReader:
             text = {L: self._expand(a, L) for L, a in text.items()}
             image = {L: self._expand(a, L) for L, a in image.items()}
         e = Entry(meta["text_student_pos"], meta["text_teacher_pos"], text, image)
-        if "kl_units" in meta:
-            e.kl_units = meta["kl_units"]
+        if "kl_units" in meta or "kl_pos" in meta:
+            e.kl_units = meta.get("kl_units", [])
+            e.kl_student_pos, e.kl_teacher_pos = meta.get("kl_pos"), meta.get("kl_teacher_pos")
+            e.same_next, e.strip_space = meta.get("same_next"), meta.get("strip_space", [])
             e.topk_ids, e.topk_logits = f.get_tensor(f"{sid}/topk_ids"), f.get_tensor(f"{sid}/topk_logits")
+            if f"{sid}/topk_lse" in keys:
+                e.topk_lse = f.get_tensor(f"{sid}/topk_lse")
         return e
+
+    @property
+    def logits_topk(self) -> int:
+        """k of the stored teacher top-k logits (0: none); format-2 caches named it kl_topk."""
+        return int((self.manifest.get("logits") or {}).get("topk") or self.manifest.get("kl_topk") or 0)
+
+    def teacher_tokens(self) -> tuple[list[bytes | None], set[int]] | None:
+        """(the bytes each teacher token id stands for, ids of its byte-fallback pieces); None when the cache
+        predates them (format 2)."""
+        from bonsai_mlx.core.vocab_map import decode_tokens
+
+        if not self.manifest.get("logits"):
+            return None
+        path = self.root / TOKENS_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the manifest says the cache holds teacher logits); re-extract it")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            items, fallback = doc["tokens"], doc.get("byte_fallback", [])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}: expected a JSON object with a 'tokens' list ({e})") from None
+        if not isinstance(items, list) or not all(isinstance(i, int) for i in fallback):
+            raise UserError(f"{path}: 'tokens' must be a list and 'byte_fallback' a list of token ids")
+        return decode_tokens(items, str(path)), set(fallback)
 
     def _expand(self, a: np.ndarray, layer: int) -> np.ndarray:
         mean, comps = self.basis[layer]

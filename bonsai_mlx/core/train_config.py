@@ -47,7 +47,8 @@ class TrainConfig:
     alpha_end: float | None = None
     feat_loss: str = "mse"  # or "cosine"
     layer_map: str | None = None
-    kl: bool = False  # + kl_weight * KL(teacher top-k || student) when the vocabularies are shared
+    kl: bool = False  # + kl_weight * a logit loss at aligned text units (cache made with --logits-topk)
+    kl_mode: str = "auto"  # vocab_map.KL_MODES: auto, same-vocab, uld, shared-vocab (a mode other than auto implies kl)
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
 

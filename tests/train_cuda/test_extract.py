@@ -153,36 +153,105 @@ def test_pca_with_all_components_reproduces_the_states(teacher_dir, pico_dir, da
     np.testing.assert_allclose(y.image[-1], x.image[-1].astype(np.float32), atol=3e-2)
 
 
-def test_kl_topk_is_refused_when_vocabularies_differ(teacher_dir, pico_dir, data, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        _extract(teacher_dir, pico_dir, data, tmp_path / "cache", "--kl-topk", "4")
-    err = capsys.readouterr().err
-    assert "--kl-topk" in err and "vocabulary" in err and "differ" in err
-    assert not (tmp_path / "cache" / "manifest.json").exists()
+def test_logits_topk_across_vocabularies_stores_every_unit_and_the_teachers_token_strings(
+    teacher_dir, pico_dir, data, tmp_path, capsys
+):
+    """A teacher with its own tokenizer: no longer refused. Every aligned unit gets the teacher's top-k, the
+    logsumexp over its whole vocabulary, and the cache carries the teacher's token strings (format 3)."""
+    from bonsai_mlx.core.vocab_map import shared_vocab_of, token_bytes
+
+    assert _extract(teacher_dir, pico_dir, data, tmp_path / "cache", "--logits-topk", "4") == 0
+    assert "have an equal-string student token" in capsys.readouterr().out
+    cache = CacheReader(tmp_path / "cache")
+    assert cache.manifest["format"] == 3 and cache.manifest["logits"]["topk"] == cache.logits_topk == 4
+    t = Teacher.load(str(teacher_dir))
+    tokens, fallback = cache.teacher_tokens()
+    assert tokens == token_bytes(t.tokenizer, t.model.config.text_config.vocab_size)
+    e = cache.get("s0")
+    proc = Processor(pico_dir, PicoConfig.load(pico_dir))
+    from train_cuda.extract import plan_sample
+
+    plan = plan_sample(json.loads((data / "d.json").read_text())[0], t, proc, str(data / "img"))
+    # the aligned units, then the answer's start: the last prompt token in each, where both predict "The"
+    assert len(plan.starts) == 1
+    (t_start, s_start, _) = plan.starts[0]
+    assert e.kl_student_pos == e.text_student_pos + [s_start] and e.kl_teacher_pos == e.text_teacher_pos + [t_start]
+    assert e.same_next == []  # two vocabularies: no unit compares ids
+    from bonsai_mlx.core.records import messages_of, place_image, tokenize
+
+    s_ids = tokenize(proc, place_image(messages_of(json.loads((data / "d.json").read_text())[0]), True)[0])[0]
+    first = proc.tokenizer.decode([s_ids[s_start + 1]]).strip()
+    assert first and first == t.tokenizer.decode([plan.t_ids[t_start + 1]]).strip() and "The".startswith(first)
+    px = t.pixel_values(__import__("PIL.Image").Image.open(data / "img" / "0.png").convert("RGB"))
+    _, (vals, ids, lse) = t.hidden_states([plan.t_ids], px, [-1], topk=4)
+    np.testing.assert_array_equal(e.topk_ids, ids[0, e.kl_teacher_pos])
+    np.testing.assert_allclose(e.topk_logits, vals[0, e.kl_teacher_pos], atol=1e-2)
+    np.testing.assert_allclose(e.topk_lse, lse[0, e.kl_teacher_pos], atol=1e-4)
+    assert (e.topk_lse >= e.topk_logits.max(-1) - 1e-2).all()  # a normaliser over more than the top-k
+    assert len(shared_vocab_of(t.tokenizer, proc.tokenizer)) > 0
+    # after the answer, each template ends the turn with its own control token: the same event
+    end_t, end_s = cache.manifest["logits"]["end_of_turn"]
+    assert t.tokenizer.convert_ids_to_tokens(end_t) == "</s>" and tokens[end_t] is None
+    assert end_s in proc.stop_ids
+    from bonsai_mlx.core.distill_targets import plan_logits
+
+    plan = plan_logits(cache, proc.tokenizer, "shared-vocab")
+    assert plan.student_ids(np.array([[end_t]]))[0, 0] == end_s and end_s in plan.normaliser_ids
+    assert "coverage" in plan.describe() and 0 < plan.coverage <= 1 and 0 < plan.topk_mass <= 1
 
 
-def test_kl_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
+def test_logits_topk_stores_the_teachers_top_logits(pico_dir, data, tmp_path):
+    """Shared vocabulary (`--kl-topk`, the old name, still works): units whose next token is the same in both
+    tokenizations are marked, which is where same-vocab KL compares ids."""
     from helpers import make_teacher
 
     teacher = make_teacher(tmp_path / "same-vocab", tokenizer_from=pico_dir)
     assert _extract(teacher, pico_dir, data, tmp_path / "cache", "--kl-topk", "5") == 0
     proc = Processor(pico_dir, PicoConfig.load(pico_dir))
     cache = CacheReader(tmp_path / "cache", proc.tokenizer)
-    assert cache.manifest["kl_topk"] == 5
+    assert cache.logits_topk == 5
     e = cache.get("s0")
-    assert e.topk_ids.shape == e.topk_logits.shape == (len(e.kl_units), 5)
+    assert e.topk_ids.shape == e.topk_logits.shape == (len(e.kl_student_pos), 5)
     # shared tokenizer: every answer token but the last (whose successor is each template's own end) compares
-    assert len(e.kl_units) >= len(e.text_student_pos) - 1 >= 3
+    assert len(e.same_next) >= len(e.text_student_pos) - 1 >= 3
     t = Teacher.load(str(teacher))
     from train_cuda.extract import plan_sample
 
     rec = json.loads((data / "d.json").read_text())[0]
     plan = plan_sample(rec, t, proc, str(data / "img"))
+    assert e.same_next == plan.same_next
     px = t.pixel_values(__import__("PIL.Image").Image.open(data / "img" / "0.png").convert("RGB"))
-    _, (vals, ids) = t.hidden_states([plan.t_ids], px, [-1], topk=5)
-    at = [e.text_teacher_pos[k] for k in e.kl_units]
-    np.testing.assert_array_equal(e.topk_ids, ids[0, at])
-    np.testing.assert_allclose(e.topk_logits, vals[0, at], atol=1e-2)
+    _, (vals, ids, _) = t.hidden_states([plan.t_ids], px, [-1], topk=5)
+    np.testing.assert_array_equal(e.topk_ids, ids[0, e.kl_teacher_pos])
+    np.testing.assert_allclose(e.topk_logits, vals[0, e.kl_teacher_pos], atol=1e-2)
+
+
+def test_a_format_2_cache_still_reads_and_an_unknown_format_is_refused_in_one_line(
+    teacher_dir, pico_dir, data, tmp_path
+):
+    """Caches from before format 3 (kl_topk, top-k only where the next token is shared) keep working for
+    same-vocab KL and ULD; a format this version does not know is refused naming the file."""
+    from bonsai_mlx.core.distill_targets import plan_logits
+    from bonsai_mlx.core.teacher_cache import CacheWriter, Entry
+
+    old = {"teacher": "t", "layers": [-1], "hidden_size": 4, "student_tokenizer": "x", "kl_topk": 2}
+    w = CacheWriter(tmp_path / "v2", old)
+    e = Entry([3, 5], [2, 4], {-1: np.ones((2, 4), np.float32)}, {}, [1], np.array([[7, 9]]), np.array([[1.0, 0.5]]))
+    w.write_shard(0, {"a": e})
+    r = CacheReader(tmp_path / "v2")
+    assert r.manifest["format"] == 2 and r.logits_topk == 2 and r.teacher_tokens() is None
+    got = r.get("a")
+    assert got.kl_units == [1] and got.same_next is None and got.topk_lse is None
+    proc = Processor(pico_dir, PicoConfig.load(pico_dir))
+    assert plan_logits(r, proc.tokenizer, "uld").mode == "uld"
+    assert plan_logits(r, proc.tokenizer, "auto").mode == "uld"  # another vocabulary, no token strings
+    with pytest.raises(ValueError, match="re-extract it with --logits-topk"):
+        plan_logits(r, proc.tokenizer, "shared-vocab")
+    m = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+    (tmp_path / "v2" / "manifest.json").write_text(json.dumps({**m, "format": 9}))
+    with pytest.raises(ValueError, match=r"manifest.json: cache format 9, this version reads formats 1, 2, 3") as ex:
+        CacheReader(tmp_path / "v2")
+    assert "\n" not in str(ex.value)
 
 
 def test_manifest_records_the_inputs_and_the_teachers_depth(teacher_dir, pico_dir, data, tmp_path):

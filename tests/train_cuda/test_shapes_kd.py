@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from train_cuda.experiments.shapes_kd import main
 
 
@@ -10,13 +13,27 @@ def test_shapes_kd_quick_runs_end_to_end_and_reports(tmp_path, capsys):
     assert main(["--quick", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["teacher"] <= 1.0
-    assert [(r["arm"], r["seed"]) for r in res["runs"]] == [("ce", 0), ("distill", 0)]
-    assert all("overall" in r for r in res["runs"])
+    # the quick arms: CE only and hidden states + the shared-vocab logit loss (the cross-tokenizer path end to end)
+    assert [(r["arm"], r["seed"]) for r in res["runs"]] == [("ce", 0), ("feat+shared", 0)]
+    assert all("overall" in r and "colour" in r for r in res["runs"])
+    assert set(res["feat+shared"]["by_type"]) >= {"colour", "count", "shape"}
     manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert manifest["teacher_grid"] == 6 and manifest["student_grid"] != 6  # different grids, aligned by pooling
+    assert manifest["logits"]["topk"] == 8 and manifest["teacher_vocab"] != manifest["student_tokenizer"]
+    assert "top-k probability mass" in res["logits"]
+    rows = [json.loads(x) for x in (out / "feat+shared-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[-1]["kl"]) and 0 < rows[-1]["kl_coverage"] <= 1
     md = (out / "results.md").read_text()
-    assert "| seed | CE only | distilled |" in md and "mean ± sd" in md
+    assert "| seed | CE only | + shared-vocab KL |" in md and "mean ± sd" in md and "| colour |" in md
     # a second run reuses the teacher and the finished students
     stamp = (out / "teacher" / "trained.json").stat().st_mtime_ns
     assert main(["--quick", "--out", str(out)]) == 0
     assert (out / "teacher" / "trained.json").stat().st_mtime_ns == stamp
+
+
+def test_arms_are_named_and_distill_stays_the_old_name_of_feat():
+    from train_cuda.experiments.shapes_kd import parse_arms
+
+    assert parse_arms("ce,distill,feat+uld") == ["ce", "feat", "feat+uld"]
+    with pytest.raises(ValueError, match="unknown arm 'kl'; choose from ce, feat, feat\\+uld, feat\\+shared"):
+        parse_arms("ce,kl")

@@ -127,23 +127,42 @@ def test_sft_adapter_gives_the_same_logits_in_pytorch_and_mlx(pico_dir, setup, t
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_distill_kl_runs_with_a_shared_vocabulary_and_is_refused_without(pico_dir, setup, tmp_path, capsys):
+def test_distill_kl_runs_with_a_shared_vocabulary_and_needs_logits_in_the_cache(pico_dir, setup, tmp_path, capsys):
     from train_cuda.distill import main as distill
     from train_cuda.extract import main as extract
 
     common = [*_common(pico_dir, setup, tmp_path / "run"), "--max-steps", "3", "--kl"]
     with pytest.raises(SystemExit):
         distill([*common, "--teacher-cache", str(setup / "cache")])
-    assert "do not share a vocabulary" in capsys.readouterr().err
+    assert "holds no teacher logits; re-extract it with --logits-topk K" in capsys.readouterr().err
     teacher = make_teacher(tmp_path / "same", tokenizer_from=pico_dir)
     args = ["--teacher", str(teacher), "--data", str(setup / "d.json"), "--image-root", str(setup / "img")]
     args += ["--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")]
-    assert extract([*args, "--kl-topk", "8"]) == 0
+    assert extract([*args, "--logits-topk", "8"]) == 0
     cache = str(tmp_path / "cache")
     assert distill([*common, "--teacher-cache", cache, "--layer-map", "-1:-1", "--feat-loss", "cosine"]) == 0
+    assert "logit loss: same-vocab (the teacher and the student share one vocabulary)" in capsys.readouterr().out
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
     assert all(0 < r["feat"] < 2 for r in rows)  # 1 - cosine: bounded, unlike the MSE
+
+
+@pytest.mark.parametrize("mode", ["uld", "shared-vocab"])
+def test_distill_with_a_cross_tokenizer_logit_loss_on_cpu(pico_dir, setup, tmp_path, mode, capsys):
+    """The teacher with its own tokenizer: each cross-tokenizer mode trains, its term logged (and shared-vocab's
+    coverage with it)."""
+    from train_cuda.distill import main as distill
+    from train_cuda.extract import main as extract
+
+    args = ["--teacher", str(setup / "teacher"), "--data", str(setup / "d.json"), "--image-root", str(setup / "img")]
+    args += ["--student-tokenizer", str(pico_dir), "--layers", "-1", "--out", str(tmp_path / "cache")]
+    assert extract([*args, "--logits-topk", "8"]) == 0
+    run = [*_common(pico_dir, setup, tmp_path / "run"), "--max-steps", "3", "--kl-mode", mode, "--layer-map", "-1:-1"]
+    assert distill([*run, "--teacher-cache", str(tmp_path / "cache")]) == 0
+    assert f"logit loss: {mode} (as asked)" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(np.isfinite(r["kl"]) and r["kl"] > 0 for r in rows)
+    assert all(0 < r.get("kl_coverage", 0) <= 1 for r in rows) == (mode == "shared-vocab")
 
 
 def test_interrupted_and_resumed_distill_equals_an_uninterrupted_run(pico_dir, setup, tmp_path, monkeypatch):

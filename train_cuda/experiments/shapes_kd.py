@@ -5,10 +5,16 @@
    tokenizer and Vicuna prompt) and trains it on all the training data (PyTorch).
 3. Extracts its hidden states at the units aligned to the student (train_cuda.extract: the same code and
    cache as for LLaVA-1.5-7B).
-4. Trains the embedded default's tiny Pico from scratch on a small share of the data, with a = 0 (CE only)
-   and with the feature loss (a > 0), same steps, several seeds (bonsai_mlx.train, MLX, run as its own
-   process: as on real hardware, the PyTorch side and the MLX side never share one).
-5. Reports held-out greedy exact match of the teacher and of every student: results.json and results.md.
+4. Trains the embedded default's tiny Pico from scratch on a small share of the data, one run per arm and
+   seed, same steps (bonsai_mlx.train, MLX, run as its own process: as on real hardware, the PyTorch side and
+   the MLX side never share one). Arms (`--arms`):
+       ce            CE only (a = 0)
+       feat          + the hidden-state loss (a > 0)                                  ("distill" also names it)
+       feat+uld      + the feature loss and ULD logits (sorted probabilities, any tokenizers)
+       feat+shared   + the feature loss and KL over the tokens both vocabularies share
+   The teacher has its own tokenizer, so the logit arms are the cross-tokenizer modes of issue 17.
+5. Reports held-out greedy exact match of the teacher and of every student, overall and per question type,
+   mean ± sd over seeds: results.json and results.md.
 """
 
 from __future__ import annotations
@@ -41,6 +47,26 @@ class Setup:
     layers: str = "-1,2"  # teacher hidden_states taken (the student gets the same relative depths)
     aspect: str = "mixed"  # "mixed": images stretched to 2:1 and 1:2 in turn (the geometry real photos have)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    logits_topk: int = 32  # teacher logits stored per aligned unit (for the logit arms)
+    kl_weight: float = 1.0  # weight of the logit term in the logit arms
+
+
+# arm -> (distils from the cache, --kl-mode of its logit term or None); "distill" is the old name of "feat"
+ARMS = {"ce": (False, None), "feat": (True, None), "feat+uld": (True, "uld"), "feat+shared": (True, "shared-vocab")}
+ARM_NAMES = {"ce": "CE only", "feat": "hidden states", "feat+uld": "+ ULD logits", "feat+shared": "+ shared-vocab KL"}
+QUICK_ARMS = ["ce", "feat+shared"]  # the smoke run: one logit arm (it runs the feature loss too), CI-sized
+
+
+def parse_arms(spec: str) -> list[str]:
+    """ "ce,feat,feat+uld" -> the arms, in order; unknown names are refused naming the valid ones."""
+    arms = ["feat" if a.strip() == "distill" else a.strip() for a in spec.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        from bonsai_mlx.core.errors import UserError
+
+        raise UserError(f"--arms: unknown arm {bad[0] if bad else spec!r}; choose from {', '.join(ARMS)}")
+    return list(dict.fromkeys(arms))
 
 
 def _log(msg: str) -> None:
@@ -92,23 +118,30 @@ def run(s: Setup) -> dict:
     cache = out / "cache"
     from train_cuda.extract import main as extract
 
+    logits = any(ARMS[a][1] for a in s.arms)
     extract(
         ["--teacher", str(teacher), "--data", str(small), "--image-root", images, "--student-tokenizer", str(init)]
         + [f"--layers={s.layers}", "--out", str(cache), "--batch-size", "16"]
+        + (["--logits-topk", str(s.logits_topk)] if logits else [])
     )
     rows = []
     for seed in s.seeds:
-        for arm in ("ce", "distill"):
+        for arm in s.arms:
             run_dir = out / f"{arm}-seed{seed}"
             if not (run_dir / "heldout.json").is_file():
                 _log(f"student {arm}, seed {seed}")
-                _train_student(s, init, small, images, run_dir, seed, cache if arm == "distill" else None)
+                _train_student(s, init, small, images, run_dir, seed, cache if ARMS[arm][0] else None, ARMS[arm][1])
                 _score(run_dir, data / "eval.json", images)
             rows.append({"arm": arm, "seed": seed, **json.loads((run_dir / "heldout.json").read_text())})
     summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows, "layer_map": _layer_map(cache, init)}
-    for arm in ("ce", "distill"):
-        accs = [r["overall"] for r in rows if r["arm"] == arm]
-        summary[arm] = {"mean": statistics.mean(accs), "stdev": statistics.pstdev(accs), "each": accs}
+    if logits:
+        summary["logits"] = _logit_note(cache, init)
+    for arm in s.arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        types = sorted({k for r in mine for k in r if k not in ("arm", "seed", "overall")})
+        summary[arm] = {**_stats([r["overall"] for r in mine]), "by_type": {}}
+        for t in types:
+            summary[arm]["by_type"][t] = _stats([r[t] for r in mine if t in r])
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "results.md", report(summary))
     return summary
@@ -147,13 +180,38 @@ def _layer_map(cache: Path, init: Path) -> str:
     return ",".join(f"{t}:{s}" for t, s in pairs)
 
 
-def _train_student(s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache) -> None:
+def _stats(accs: list[float]) -> dict:
+    """mean, sd (population, over the seeds) and each value."""
+    return {"mean": statistics.mean(accs), "stdev": statistics.pstdev(accs), "each": accs}
+
+
+def _logit_note(cache: Path, init: Path) -> str:
+    """What the shared-vocab arm keeps of the teacher: shared tokens and the top-k mass on them."""
+    from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.distill_targets import plan_logits
+    from bonsai_mlx.core.processing import Processor
+    from bonsai_mlx.core.teacher_cache import CacheReader
+
+    proc = Processor(init, PicoConfig.load(init))
+    p = plan_logits(CacheReader(cache), proc.tokenizer, "shared-vocab")
+    note = (
+        f"the vocabularies share {len(p.shared):,} tokens ({p.shared.coverage:.1%} of the teacher's text tokens), "
+        f"which keep {p.coverage:.1%} of the teacher's top-k probability mass"
+    )
+    return note + (f" (the top-k hold {p.topk_mass:.1%} of its whole distribution)" if p.topk_mass else "")
+
+
+def _train_student(
+    s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache, kl_mode: str | None = None
+) -> None:
     args = ["--model", str(init), "--data", str(data), "--image-root", images, "--stage", "full"]
     args += ["--max-steps", str(s.student_steps), "--batch-size", str(s.batch_size), "--lr", str(s.student_lr)]
     args += ["--warmup", str(max(1, s.student_steps // 10)), "--seed", str(seed), "--out", str(run_dir)]
     args += ["--save-every", "0", "--eval-every", "0", "--log-every", "20", "--lora-dropout", "0"]
     if cache is not None:
         args += ["--teacher-cache", str(cache), "--alpha", str(s.alpha)]
+    if kl_mode is not None:
+        args += ["--kl-mode", kl_mode, "--kl-weight", str(s.kl_weight)]
     _mlx("bonsai_mlx.train", *args)
 
 
@@ -175,15 +233,32 @@ def report(summary: dict) -> str:
         f"(student layers at the same relative depth: {summary.get('layer_map', '?')}).",
         f"Images: {'stretched to 2:1 and 1:2 in turn' if s.get('aspect') == 'mixed' else 'square'} (teacher pads "
         "to a square, student stretches; targets pooled by region).",
+    ]
+    arms = s.get("arms", ["ce", "feat"])
+    if any(ARMS[a][1] for a in arms):
+        lines.append(
+            f"Logit arms: + {s.get('kl_weight', 1.0)} x the logit loss on the teacher's top-{s.get('logits_topk')} "
+            f"at aligned text units and answer starts; {summary.get('logits', '')}."
+        )
+    lines += [
         "",
-        "| seed | CE only | distilled |",
-        "|---|---|---|",
+        "Held-out exact match, overall:",
+        "",
+        "| seed | " + " | ".join(ARM_NAMES[a] for a in arms) + " |",
+        "|---" * (len(arms) + 1) + "|",
     ]
     by = {(r["arm"], r["seed"]): r["overall"] for r in summary["runs"]}
     for seed in s["seeds"]:
-        lines.append(f"| {seed} | {by[('ce', seed)]:.1%} | {by[('distill', seed)]:.1%} |")
-    ce, kd = summary["ce"], summary["distill"]
-    lines.append(f"| mean ± sd | {ce['mean']:.1%} ± {ce['stdev']:.1%} | {kd['mean']:.1%} ± {kd['stdev']:.1%} |")
+        lines.append(f"| {seed} | " + " | ".join(f"{by[(a, seed)]:.1%}" for a in arms) + " |")
+    pm = lambda x: f"{x['mean']:.1%} ± {x['stdev']:.1%}"  # noqa: E731
+    lines.append("| mean ± sd | " + " | ".join(pm(summary[a]) for a in arms) + " |")
+    types = sorted({t for a in arms for t in summary[a].get("by_type", {})})
+    if types:
+        lines += ["", "Per question type, mean ± sd over seeds:", ""]
+        lines += ["| type | " + " | ".join(ARM_NAMES[a] for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for t in types:
+            cells = [pm(summary[a]["by_type"][t]) if t in summary[a]["by_type"] else "-" for a in arms]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,20 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--aspect", choices=("mixed", "square"), default=d.aspect, help="mixed: images stretched to 2:1 and 1:2 in turn"
     )
-    ap.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+    ap.add_argument("--seeds", default=None, help="comma list of student seeds (default 0,1,2; --quick: 0)")
+    ap.add_argument(
+        "--arms",
+        default=None,
+        help=f"comma list of student arms from {', '.join(ARMS)} (default: all; --quick: {','.join(QUICK_ARMS)})",
+    )
+    ap.add_argument("--logits-topk", type=int, default=d.logits_topk, help="teacher logits per unit (logit arms)")
+    ap.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the logit term (logit arms)")
 
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
 
-    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__ and k != "seeds"})
-    s.seeds = [int(x) for x in a.seeds.split(",") if x]
+    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__ and k not in ("seeds", "arms")})
     if a.quick:
         s.n_train, s.n_eval, s.teacher_steps, s.student_steps, s.seeds = 200, 20, 4, 4, [0]
         s.teacher_hidden, s.teacher_vision_hidden, s.teacher_layers, s.share = 32, 32, 2, 0.5
-        s.layers = "-1,1"
+        s.layers, s.logits_topk = "-1,1", 8
+    if a.seeds is not None:
+        s.seeds = [int(x) for x in a.seeds.split(",") if x]
     with friendly("shapes_kd"):
+        s.arms = parse_arms(a.arms) if a.arms else (list(QUICK_ARMS) if a.quick else list(ARMS))
         summary = run(s)
     print(report(summary))
     print(f"results: {Path(s.out) / 'results.json'}, {Path(s.out) / 'results.md'}")
