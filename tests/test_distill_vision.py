@@ -39,7 +39,8 @@ def test_written_checkpoint_loads_strict_in_mlx_and_transformers(pico_dir, image
                 + ["--width", "32", "--steps", "3", "--batch-size", "4"]) == 0  # fmt: skip
     cfg = json.loads((out / "config.json").read_text())
     v = cfg["vision_config"]
-    assert (v["num_hidden_layers"], v["hidden_size"], v["num_attention_heads"], v["intermediate_size"]) == (2, 32, 2, 64)
+    shape = (v["num_hidden_layers"], v["hidden_size"], v["num_attention_heads"], v["intermediate_size"])
+    assert shape == (2, 32, 2, 64)
     assert (v["image_size"], v["patch_size"]) == (32, 8) and cfg["vision_feature_layer"] == -1
     for f in ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (out / f).is_file(), f
