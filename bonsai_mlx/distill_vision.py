@@ -44,7 +44,7 @@ from bonsai_mlx.vision import ACTIVATIONS, VisionTower
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LOSSES = ("mse", "cosine", "mse+cosine")
 # vision_config fields a student may change; the rest (image_size, patch_size, channels...) fix the grid
-RESUMABLE = ("out", "steps", "save_every")  # options a resumed run may change
+RESUMABLE = ("out", "steps", "save_every", "cache_gb")  # options a resumed run may change
 STUDENT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
@@ -72,6 +72,7 @@ class DistillVisionConfig:
     seed: int = 0
     eval_images: int = 64
     save_every: int = 200
+    cache_gb: float = 2.0
 
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "random"):
@@ -376,10 +377,23 @@ class Run:
         self.step = 0
         self.optimizer = optim.AdamW(learning_rate=self._schedule(), weight_decay=cfg.weight_decay)
         self.history: list[dict] = []
+        self._cache: dict[Path, np.ndarray] = {}
+        self._cached_bytes = 0
 
     # -- data
     def pixels(self, paths: list[Path]) -> mx.array:
-        return mx.array(self.proc.pixel_values([str(p) for p in paths]))
+        """Processed pixels, kept in memory up to --cache-gb: from the second epoch on no image is decoded again."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._cache]
+        if todo:
+            fresh = self.proc.pixel_values([str(p) for p in todo])
+            for p, a in zip(todo, fresh, strict=True):
+                if self._cached_bytes + a.nbytes <= self.cfg.cache_gb * 1e9:
+                    self._cache[p] = a
+                    self._cached_bytes += a.nbytes
+            got = dict(zip(todo, fresh, strict=True))
+        else:
+            got = {}
+        return mx.array(np.stack([self._cache[p] if p in self._cache else got[p] for p in paths]))
 
     def teacher_features(self, px: mx.array) -> mx.array:
         (h,) = self.model.vision_tower.hidden_states(px, [self.depth])
@@ -650,6 +664,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-images", type=int, default=64, help="held out (at most 10%%) to measure the feature match")
     ap.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: never)")
+    ap.add_argument("--cache-gb", type=float, default=2.0, help="memory for processed images (0: decode every time)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/latest")
     return ap
 

@@ -64,7 +64,7 @@ def _score(model: Path, data: Path, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _heal(model: Path, data: Path, work: Path, steps: int, lr: float) -> Path:
+def _heal(model: Path, data: Path, work: Path, steps: int, lr: float, batch: int = 32) -> Path:
     """A short align run (projector only) on the task's training data, fused into a full checkpoint."""
     healed = work / "healed"
     if (healed / "config.json").is_file():
@@ -73,7 +73,7 @@ def _heal(model: Path, data: Path, work: Path, steps: int, lr: float) -> Path:
     atomic_write_text(work / "heal.json", json.dumps(opts))
     cmd = [PY, "-m", "bonsai_mlx.train", "--model", str(model), "--data", str(data / "train.json")]
     cmd += ["--image-root", str(data / "images"), "--stage", "align", "--max-steps", str(steps)]
-    cmd += ["--batch-size", "32", "--lr", str(lr), "--warmup", "20", "--out", str(work / "heal")]
+    cmd += ["--batch-size", str(batch), "--lr", str(lr), "--warmup", "20", "--out", str(work / "heal")]
     _run([*cmd, "--config", str(work / "heal.json")], work / "heal.log")
     from bonsai_mlx.conversion.fuse import fuse
 
@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("miniature", help="accuracy before/after in the embedded task (table.md under --out)")
     m.add_argument("--out", default="runs/distill-vision")
     m.add_argument("--teacher-steps", type=int, default=800, help="embedded default's steps for the teacher")
-    m.add_argument("--distill-steps", type=int, default=1000)
+    m.add_argument("--distill-steps", type=int, default=500)
     m.add_argument("--distill-lr", type=float, default=1e-3)
-    m.add_argument("--heal-steps", type=int, default=200)
+    m.add_argument("--heal-steps", type=int, default=150)
     m.add_argument("--heal-lr", type=float, default=1e-3)
-    m.add_argument("--students", default=",".join(MINI_STUDENTS), help=f"any of {', '.join(MINI_STUDENTS)}")
+    m.add_argument("--students", default="L2,L2-random,W64,W64-random", help=f"any of {', '.join(MINI_STUDENTS)}")
     m.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("ttft", help="TTFT and tower time of full-size shapes, random weights (ttft.md under --out)")
     t.add_argument("--out", default="runs/distill-vision-ttft")
