@@ -233,10 +233,10 @@ def ttft(a: argparse.Namespace) -> dict:
             t = json.loads(p.stdout.strip().splitlines()[-1])
             rows[n]["tower"].append(t["tower_s"])
             rows[n]["vision_params"] = t["vision_params"]
-    results = {"setup": vars(a), "rows": rows}
-    atomic_write_text(out / "ttft.json", json.dumps(results, indent=2))
-    table = ttft_table(rows)
-    atomic_write_text(out / "ttft.md", table + "\n")
+        results = {"setup": vars(a), "rounds_done": r + 1, "rows": rows}  # written every round: a cut run keeps them
+        atomic_write_text(out / "ttft.json", json.dumps(results, indent=2))
+        table = ttft_table(rows)
+        atomic_write_text(out / "ttft.md", table + "\n")
     print(table)
     return results
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("miniature", help="accuracy before/after in the embedded task (table.md under --out)")
     m.add_argument("--out", default="runs/distill-vision")
     m.add_argument("--teacher-steps", type=int, default=800, help="embedded default's steps for the teacher")
-    m.add_argument("--distill-steps", type=int, default=500)
+    m.add_argument("--distill-steps", type=int, default=150)
     m.add_argument("--distill-lr", type=float, default=1e-3)
     m.add_argument("--heal-steps", type=int, default=150)
     m.add_argument("--heal-lr", type=float, default=1e-3)
