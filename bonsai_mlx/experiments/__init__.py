@@ -1,0 +1,1 @@
+"""Experiments that produce the figures in docs/ (each one command, each step its own process)."""
