@@ -70,6 +70,10 @@ def assert_engine_ready(d: Path) -> None:
     assert cfg["vision_config"]["vision_use_head"] is False
     assert not [k for k in load_weights(d) if "head" in k.split(".")]
     proc = AutoProcessor.from_pretrained(str(d))
+    # how vLLM (and anything else on LlavaProcessor) counts an image's tokens: it reads the processor's
+    # crop_size, which SigLIP's config lacked (TypeError); the count must be the tower's patch grid
+    grid = (cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]) ** 2
+    assert proc._get_num_multimodal_tokens(image_sizes=[[32, 64], [64, 32]]).num_image_tokens == [grid, grid]
     as_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     as_text = [{"role": "user", "content": f"<image>\n{PROMPT}"}]
     rendered = proc.apply_chat_template(as_parts, add_generation_prompt=True)
@@ -151,6 +155,26 @@ def test_embedded_default_model_matches_in_transformers(tmp_path):
     ours = bonsai_tokens(d, img)
     assert len(ours) >= 3
     assert hf_tokens(d, img) == ours
+
+
+def test_crop_size_is_added_only_where_the_processor_resizes_to_a_fixed_size_and_never_crops(written, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from bonsai_mlx.core.hf_files import with_crop_size
+
+    siglip = {"size": {"height": 48, "width": 48}, "do_resize": True}
+    assert with_crop_size(siglip)["crop_size"] == {"height": 48, "width": 48}
+    clip = {"size": {"shortest_edge": 336}, "do_center_crop": True, "crop_size": {"height": 336, "width": 336}}
+    assert with_crop_size(clip) is clip
+    assert with_crop_size({"size": {"shortest_edge": 224}}) == {"size": {"shortest_edge": 224}}
+    # no pixel changes: the written processor and the same one without crop_size give equal pixel values
+    pre = json.loads((written / "preprocessor_config.json").read_text())
+    assert pre["crop_size"] == {"height": pre["size"]["height"], "width": pre["size"]["width"]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({k: v for k, v in pre.items() if k != "crop_size"}))
+    with_crop, without = AutoImageProcessor.from_pretrained(str(written)), AutoImageProcessor.from_pretrained(tmp_path)
+    for img in IMAGES:
+        a, b = (p(img, return_tensors="np")["pixel_values"] for p in (with_crop, without))
+        assert a.shape == b.shape and (a == b).all()
 
 
 def test_qwen25_template_keeps_its_default_system_turn_for_both_forms(tmp_path):

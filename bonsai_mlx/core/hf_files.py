@@ -1,9 +1,11 @@
-"""The files beside the weights that other engines read: processor_config.json and a chat template that
-takes both content forms.
+"""The files beside the weights that other engines read: processor_config.json, a chat template that
+takes both content forms, and a `crop_size` in the image processor's config.
 
 transformers' `LlavaProcessor` needs `patch_size` (else the first image raises), vLLM builds on it, and
 transformers' processors, mlx-vlm and vLLM send message content as a list of typed parts
 (`{"type": "image"}`, `{"type": "text", "text": ...}`) where Qwen's template only accepts a string.
+`LlavaProcessor` counts an image's tokens from `image_processor.crop_size` (`_get_num_multimodal_tokens`,
+which vLLM calls), and SigLIP's processor has none, so that count raised a TypeError.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ def processor_config(config: PicoConfig) -> dict:
     }
 
 
+def with_crop_size(preprocessor: dict) -> dict:
+    """The image-processor config with `crop_size` equal to its fixed `size`, when it resizes to a fixed
+    height x width and never crops (SigLIP): the token count then reads the real input size, and no pixel
+    changes. A processor that crops, or resizes by shortest edge, is returned as is."""
+    size = preprocessor.get("size")
+    if "crop_size" in preprocessor or preprocessor.get("do_center_crop") or not isinstance(size, dict):
+        return preprocessor
+    if not {"height", "width"} <= size.keys():
+        return preprocessor
+    return {**preprocessor, "crop_size": {"height": size["height"], "width": size["width"]}}
+
+
 def read_template(d: Path) -> str | None:
     if (d / TEMPLATE_FILE).is_file():
         return (d / TEMPLATE_FILE).read_text()
@@ -69,13 +83,19 @@ def read_template(d: Path) -> str | None:
 
 
 def write_engine_files(model_dir: str | Path, config: PicoConfig) -> None:
-    """Write processor_config.json and make every copy of the chat template list-aware.
+    """Write processor_config.json, give the image processor its `crop_size`, and make every copy of the
+    chat template list-aware.
 
     The template goes to chat_template.jinja (where both AutoTokenizer and AutoProcessor look); a copy
     left in tokenizer_config.json or chat_template.json is rewritten too, so no reader sees the old one.
     """
     d = Path(model_dir)
     atomic_write_text(d / "processor_config.json", json.dumps(processor_config(config), indent=2) + "\n")
+    pp = d / "preprocessor_config.json"
+    if pp.is_file():
+        pre = json.loads(pp.read_text())
+        if (fixed := with_crop_size(pre)) is not pre:
+            atomic_write_text(pp, json.dumps(fixed, indent=2) + "\n")
     template = read_template(d)
     if template is None:
         return
