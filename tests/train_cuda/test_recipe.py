@@ -1,0 +1,96 @@
+"""The two-stage recipe in miniature end to end, at smoke size (its numbers mean nothing here): every stage's
+output is there and loads strictly, the table has every stage, a rerun skips finished stages, a stage cut
+short runs again, and a failing stage says which one and where its log is."""
+
+import json
+
+import pytest
+
+from train_cuda.experiments.recipe import ROWS, main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _strict(cls, path):
+    model, info = cls.from_pretrained(str(path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (path, info)
+    return model
+
+
+def _param(model, suffix, within=""):
+    """The one parameter named `...within...suffix` (module paths differ across transformers versions)."""
+    (p,) = [p for n, p in model.named_parameters() if n.endswith(suffix) and within in n]
+    return p
+
+
+def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, capsys):
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration, Qwen2ForCausalLM, SiglipModel
+
+    out = tmp_path / "recipe"
+    assert main(["--quick", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["eval"] for r in res["rows"]] == [name for name, *_ in ROWS]
+    assert sorted(res["rows"][0]["by_type"]) == ["colour", "count", "position", "shape", "yesno"]
+    assert all(r["caption_ppl"] > 1.0 for r in res["rows"])  # perplexity of the reference captions, each stage
+    md = (out / "results.md").read_text()
+    assert all(label in md for _, label, *_ in ROWS)
+
+    # (a), (b): standard HF checkpoints with their tokenizer / image processor, loaded strictly
+    lm = _strict(Qwen2ForCausalLM, out / "lm")
+    assert len(AutoTokenizer.from_pretrained(str(out / "lm"))) == lm.config.vocab_size
+    siglip = _strict(SiglipModel, out / "siglip")
+    assert (out / "siglip" / "preprocessor_config.json").is_file()
+    # (c) carries the pretrained parts as they are; (d) trained the projector only; (e)+(f) fused the adapter
+    assembled = _strict(LlavaForConditionalGeneration, out / "pico-assembled")
+    aligned = _strict(LlavaForConditionalGeneration, out / "pico-aligned")
+    instructed = _strict(LlavaForConditionalGeneration, out / "pico-instruct")
+    emb = assembled.get_input_embeddings().weight
+    assert torch.equal(emb, lm.get_input_embeddings().weight)
+    patch = _param(assembled, "embeddings.patch_embedding.weight")
+    assert torch.equal(patch, _param(siglip.vision_model, "embeddings.patch_embedding.weight"))
+    up = "layers.0.mlp.up_proj.weight"
+    assert torch.equal(_param(aligned, up), _param(assembled, up))  # the LM stayed frozen in (d)
+    assert torch.equal(_param(aligned, "embeddings.patch_embedding.weight"), patch)
+    assert not torch.equal(*(_param(m, "multi_modal_projector.linear_1.weight") for m in (assembled, aligned)))
+    q0, q1 = (_param(m, "layers.0.self_attn.q_proj.weight", "language_model") for m in (aligned, instructed))
+    assert not torch.equal(q0, q1)  # the LoRA update merged in
+    cfg4 = json.loads((out / "pico-4bit" / "config.json").read_text())
+    assert cfg4["quantization"]["bits"] == 4
+    from bonsai_mlx import loading
+
+    loading.load(out / "pico-4bit")  # strict: every tensor the 4-bit config needs, none other
+    _strict(LlavaForConditionalGeneration, out / "scratch-full" / "model")
+
+    # a rerun skips every finished stage
+    logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
+    capsys.readouterr()
+    assert main(["--quick", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "running" not in said and said.count("skipped") == len(json.loads((out / "stages.json").read_text()))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs
+
+    # other settings do not reuse these stages
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--out", str(out), "--lm-steps", "5"])
+    assert e.value.code == 2 and "made with --lm-steps 3, not 5" in capsys.readouterr().err
+
+    # a stage that did not finish (not in stages.json) runs again, alone
+    state = json.loads((out / "stages.json").read_text())
+    del state["eval-4bit"]
+    (out / "stages.json").write_text(json.dumps(state))
+    assert main(["--quick", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("running") == 1 and "eval-4bit: running" in said
+
+    # a failing stage: one line naming it and its log
+    state = json.loads((out / "stages.json").read_text())
+    del state["instruct"]
+    (out / "stages.json").write_text(json.dumps(state))
+    (out / "pico-aligned" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("recipe: stage instruct failed: python -m bonsai_mlx.train exited 2")
+    assert err[0].endswith(f"(log: {out / 'logs' / 'instruct.log'})")
