@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from train_cuda.experiments.cli_worker import run_one
 from train_cuda.experiments.recipe import ROWS, main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -77,11 +78,12 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
 
     # a stage that did not finish (not in stages.json) runs again, alone
     state = json.loads((out / "stages.json").read_text())
-    del state["eval-4bit"]
+    assert all(state[k]["cpu_seconds"] > 0 for k in ("align", "eval-4bit"))  # the MLX worker's CPU is counted
+    del state["siglip"]
     (out / "stages.json").write_text(json.dumps(state))
     assert main(["--quick", "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert said.count("running") == 1 and "eval-4bit: running" in said
+    assert said.count("running") == 1 and "siglip: running" in said
 
     # a failing stage: one line naming it and its log
     state = json.loads((out / "stages.json").read_text())
@@ -94,3 +96,15 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("recipe: stage instruct failed: python -m bonsai_mlx.train exited 2")
     assert err[0].endswith(f"(log: {out / 'logs' / 'instruct.log'})")
+
+
+def test_cli_worker_runs_commands_as_python_m_with_their_output_and_exit_status(tmp_path):
+    """The recipe's MLX steps share one process: each still gets its argv, its log and its own exit status."""
+    (tmp_path / "a.json").write_text('{"b": [1, 2]}')
+    log = tmp_path / "log"
+    assert run_one("json.tool", ["--compact", str(tmp_path / "a.json")], str(log)) == 0
+    assert log.read_text() == '{"b":[1,2]}\n'
+    assert run_one("json.tool", [str(tmp_path / "missing.json")], str(log)) != 0
+    assert "missing.json" in log.read_text().splitlines()[-1]
+    assert run_one("no_such_module_here", [], str(log)) == 1
+    assert "No module named no_such_module_here" in log.read_text()

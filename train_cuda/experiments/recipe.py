@@ -24,9 +24,10 @@ cleared and run again):
 
 Why here: (a) and (b) train in PyTorch with transformers' own Qwen2ForCausalLM and SiglipModel (its
 `return_loss=True` is SigLIP's sigmoid loss), and torch may not enter bonsai_mlx (tests/test_layers.py). The
-CUDA side may import only bonsai_mlx.core, so every MLX step (convert, train, evaluate) runs as its own process
-through the project's CLIs, as a user would type them, and PyTorch and MLX never share a process (as in
-train_cuda.experiments.shapes_kd). Pretraining runs in this process, on CPU (or a GPU when torch sees one).
+CUDA side may import only bonsai_mlx.core, so every MLX step (convert, train, evaluate) runs through the project's
+CLIs, as a user would type them, in another process than this PyTorch one: train_cuda.experiments.cli_worker runs
+them one after another as `python -m` would, so their ~5 s of imports each are paid once. Pretraining runs in
+this process, on CPU (or a GPU when torch sees one).
 """
 
 from __future__ import annotations
@@ -63,14 +64,18 @@ class Setup:
     n_captions: int = 6000  # align data and SigLIP's image-caption pairs
     n_eval: int = 400  # held-out questions
     n_eval_captions: int = 100  # held-out captions (perplexity, exact caption)
-    # Part sizes: None = `convert init --tiny`'s defaults (the embedded default's tiny Pico).
+    # Part sizes: None = `convert init --tiny`'s defaults. 24 px patches: the embedded default's (its
+    # bonsai_mlx.embedded.RECIPE, measured in docs/embedded_task.md): one image token per cell of the task.
     width: int | None = None
     layers: int | None = None
     vision_layers: int | None = None
-    patch_size: int | None = None
-    init_std: float = 0.02  # pretraining init (transformers' default)
-    # (a) the language model
-    lm_steps: int = 400
+    patch_size: int | None = 24
+    # Pretraining init: the tiny recipe's (bonsai_mlx.tiny.TinyRecipe), not transformers' 0.02, which at width 128
+    # leaves attention near uniform: measured (scripts/recipe_diagnose.py), an LM pretrained from 0.02 answered no
+    # better with the caption in its context than without, so no projector could make it read an image.
+    init_std: float = 0.08
+    # (a) the language model (800 steps: at 400 it had only begun to answer from its context)
+    lm_steps: int = 800
     lm_batch: int = 32
     lm_lr: float = 1e-3
     lm_grounded: int = 12000  # + text-only records "caption of a scene, question about it" (see grounded_records)
@@ -81,9 +86,9 @@ class Setup:
     siglip_text_layers: int = 2
     # (d), (e) and the baseline share one batch size
     batch_size: int = 32
-    align_steps: int = 100
-    align_lr: float = 3e-3
-    instruct_steps: int = 300
+    align_steps: int = 400
+    align_lr: float = 1e-3  # LLaVA's stage-1 lr; measured over 200 steps: 1e-3 beat 3e-3 and 1e-2
+    instruct_steps: int = 400
     instruct_lr: float = 2e-3
     lora_rank: int = 16
     eval_batch: int = 32
@@ -139,6 +144,8 @@ class Recipe:
         self.state_path = self.out / "stages.json"
         self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.ran: list[str] = []  # stages run (not skipped) by this call
+        self.worker: subprocess.Popen | None = None  # the MLX commands' process (cli_worker), started on first use
+        self.worker_cpu = 0.0  # CPU seconds of the commands it ran (os.times() counts no child still running)
 
     def _save_state(self) -> None:
         from bonsai_mlx.core.io import atomic_write_text
@@ -154,7 +161,7 @@ class Recipe:
         for o in outputs:  # what an interrupted try left
             shutil.rmtree(self.out / o, ignore_errors=True)
         _log(f"{name}: running (log {log})")
-        t, c = time.perf_counter(), _cpu()
+        t, c = time.perf_counter(), _cpu() + self.worker_cpu
         try:
             info = fn(log) or {}
         except StageFailed as e:
@@ -163,20 +170,52 @@ class Recipe:
             with open(log, "a") as f:
                 traceback.print_exc(file=f)
             raise StageFailed(f"stage {name} failed: {type(e).__name__}: {e} (log: {log})") from None
-        self.state[name] = {"seconds": round(time.perf_counter() - t, 1), "cpu_seconds": round(_cpu() - c, 1), **info}
+        cpu = round(_cpu() + self.worker_cpu - c, 1)
+        self.state[name] = {"seconds": round(time.perf_counter() - t, 1), "cpu_seconds": cpu, **info}
         self._save_state()
         self.ran.append(name)
         _log(f"{name}: done in {self.state[name]['seconds']:.0f} s")
 
     def cli(self, log: Path, module: str, *args: str) -> None:
-        """One MLX-side command in its own process, its output appended to the stage's log."""
+        """One MLX-side command, as `python -m` runs it, in the MLX worker process (cli_worker: one process
+        for all of them, never this PyTorch one), its output appended to the stage's log."""
         with open(log, "a") as f:
             f.write(f"$ python -m {module} {' '.join(args)}\n")
-            f.flush()
-            r = subprocess.run([sys.executable, "-m", module, *args], stdout=f, stderr=subprocess.STDOUT)
-        if r.returncode != 0:
+        code = self._run_in_worker(module, list(args), log)
+        if code != 0:
             last = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            raise StageFailed(f"python -m {module} exited {r.returncode}: {last[-1] if last else ''}".strip())
+            raise StageFailed(f"python -m {module} exited {code}: {last[-1] if last else ''}".strip())
+
+    def _run_in_worker(self, module: str, args: list[str], log: Path) -> int:
+        from train_cuda.experiments.cli_worker import REPLY
+
+        if self.worker is None or self.worker.poll() is not None:
+            cmd = [sys.executable, "-m", "train_cuda.experiments.cli_worker"]
+            self.worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        w = self.worker
+        assert w.stdin is not None and w.stdout is not None
+        try:
+            w.stdin.write(json.dumps({"module": module, "args": args, "log": str(log)}) + "\n")
+            w.stdin.flush()
+            for line in w.stdout:
+                if line.startswith(REPLY + " "):
+                    _, code, cpu = line.split()
+                    self.worker_cpu += float(cpu)
+                    return int(code)
+        except BrokenPipeError:
+            pass
+        code = w.wait()  # it died mid-command (killed, crashed): the next command gets a new one
+        with open(log, "a") as f:
+            f.write(f"the MLX worker process exited {code} during this command\n")
+        return code or 1
+
+    def close(self) -> None:
+        """Let the worker process finish (end of its input) and wait for it."""
+        if self.worker is not None:
+            if self.worker.stdin is not None:
+                self.worker.stdin.close()
+            self.worker.wait()
+            self.worker = None
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -500,6 +539,14 @@ def check_setup(path: Path, s: Setup) -> None:
 
 def run(s: Setup) -> dict:
     r = Recipe(s)
+    try:
+        return _run(r)
+    finally:
+        r.close()
+
+
+def _run(r: Recipe) -> dict:
+    s = r.s
     out, data = r.out, r.out / "data"
     from bonsai_mlx.core.io import atomic_write_text
 
