@@ -8,8 +8,16 @@ from bonsai_mlx.core.batching import Batch
 from bonsai_mlx.model import Pico
 
 
-def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chunk: int = 1024) -> mx.array:
-    """Summed cross-entropy, computing the LM head only at supervised positions, in chunks."""
+def ce_at(
+    model: Pico,
+    h: mx.array,
+    positions: mx.array,
+    targets: mx.array,
+    chunk: int = 1024,
+    weights: mx.array | None = None,
+) -> mx.array:
+    """Summed cross-entropy, computing the LM head only at supervised positions, in chunks. `weights` (0 or 1 per
+    position) lets a compiled step pad the positions to a fixed count."""
     hs = h.reshape(-1, h.shape[-1])[positions]
     # a quantized head is dequantized once per loss (CPU), or run as the fused quantized matmul (GPUs)
     w = model.head_dequantized(min(chunk, hs.shape[0]))
@@ -17,28 +25,17 @@ def ce_at(model: Pico, h: mx.array, positions: mx.array, targets: mx.array, chun
     for i in range(0, hs.shape[0], chunk):
         logits = model.lm_head(hs[i : i + chunk], w).astype(mx.float32)
         t = targets[i : i + chunk]
-        total = total + (mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]).sum()
+        nll = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        total = total + (nll if weights is None else nll * weights[i : i + chunk]).sum()
     return total
 
 
-def forward_states(model: Pico, batch: dict, train_vision: bool, checkpoint: bool, keep=()) -> tuple[mx.array, dict]:
-    feats = None
-    if batch.get("pixel_values") is not None:
-        pv = batch["pixel_values"]
-        if train_vision:
-            feats = model.image_features(pv)
-        else:
-            cfg = model.config
-            layers = (
-                [cfg.vision_feature_layer]
-                if isinstance(cfg.vision_feature_layer, int)
-                else list(cfg.vision_feature_layer)
-            )
-            hs = [mx.stop_gradient(x) for x in model.vision_tower.hidden_states(pv, layers)]
-            if cfg.vision_feature_select_strategy == "default":
-                hs = [x[:, 1:] for x in hs]
-            feats = model.multi_modal_projector(hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1))
-    return model.run_layers(model.embed(batch["input_ids"], feats), checkpoint=checkpoint, keep=keep)
+def forward_states(
+    model: Pico, batch: dict, train_vision: bool, checkpoint: bool, keep=(), check: bool = True
+) -> tuple[mx.array, dict]:
+    pv = batch.get("pixel_values")
+    feats = model.image_features(pv, tower_grad=train_vision) if pv is not None else None
+    return model.run_layers(model.embed(batch["input_ids"], feats, check), checkpoint=checkpoint, keep=keep)
 
 
 def to_mx(b: Batch) -> dict:

@@ -55,13 +55,17 @@ class Pico(nn.Module):
                 _resize_heads(layer.self_attn, args, config.text.attention_head_dim)
 
     # -- vision -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: mx.array) -> mx.array:
-        """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden)."""
+    def image_features(self, pixel_values: mx.array, tower_grad: bool = True) -> mx.array:
+        """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden): the one place that selects the
+        tower's layers and tokens. `tower_grad=False`: no gradient flows into a frozen tower (the projector's
+        still does)."""
         cfg = self.config
         layers = (
             [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
         )
         hs = self.vision_tower.hidden_states(pixel_values, layers)
+        if not tower_grad:
+            hs = [mx.stop_gradient(h) for h in hs]
         if cfg.vision_feature_select_strategy == "default":
             hs = [h[:, 1:] for h in hs]
         feats = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1)
@@ -72,14 +76,15 @@ class Pico(nn.Module):
     def embed_tokens(self) -> nn.Module:
         return self.language_model.model.embed_tokens
 
-    def embed(self, input_ids: mx.array, image_features: mx.array | None = None) -> mx.array:
-        """Token embeddings with image features placed, in order, at the <image> positions."""
+    def embed(self, input_ids: mx.array, image_features: mx.array | None = None, check: bool = True) -> mx.array:
+        """Token embeddings with image features placed, in order, at the <image> positions. `check=False` skips
+        counting the slots (a compiled step cannot read values; the trainer counts them before)."""
         h = self.embed_tokens(input_ids)
         if image_features is None:
             return h
         is_img = input_ids == self.config.image_token_index
         feats = image_features.reshape(-1, image_features.shape[-1]).astype(h.dtype)
-        n_slots = int(is_img.sum().item())
+        n_slots = int(is_img.sum().item()) if check else feats.shape[0]
         if n_slots != feats.shape[0]:
             raise ValueError(
                 f"the prompt has {n_slots} <image> tokens but the images give {feats.shape[0]} features "

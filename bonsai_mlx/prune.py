@@ -95,7 +95,7 @@ def calibration_scores(model: Pico, proc, records: list[dict], image_root: str |
         ds = Dataset.build(records, proc, image_root, max_length=2048)
         if not ds.examples:
             raise UserError("no usable calibration samples (see the skipped ids above)")
-        pad = proc.tokenizer.pad_token_id or 0
+        pad = proc.pad_id
         for i in tqdm(range(0, len(ds.examples), batch_size), desc="calibrating", unit="batch"):
             batch = to_mx(collate(ds.examples[i : i + batch_size], proc, pad))
             h, _ = forward_states(model, batch, False, False)

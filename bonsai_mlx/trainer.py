@@ -1,9 +1,8 @@
-"""The MLX training loop: per-stage freezing, the LR schedule, accumulation, data-parallel, SIGINT-safe."""
+"""The MLX training loop: per-stage freezing, per-component learning rates on the one curve (core/runs.py), a
+compiled step, accumulation, data-parallel, SIGINT-safe; checkpoints and metrics by the shared run protocol."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import time
@@ -21,7 +20,8 @@ from bonsai_mlx.checkpoint import load_checkpoint, save_checkpoint
 from bonsai_mlx.core.batching import Batch, BatchSchedule, collate, prefetch
 from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.records import Dataset
-from bonsai_mlx.core.train_config import STAGES, TrainConfig
+from bonsai_mlx.core.runs import MetricsLog, RunDir, lr_factor
+from bonsai_mlx.core.train_config import STAGES, TrainConfig, component_of
 from bonsai_mlx.loss import ce_at, forward_states, to_mx
 from bonsai_mlx.model import Pico
 
@@ -46,10 +46,23 @@ def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
         model.load_weights(fp32, strict=False)
 
 
-def lr_schedule(cfg: TrainConfig, total_steps: int) -> Callable:
-    warm = max(1, min(cfg.warmup, total_steps - 1))
-    decay = optim.cosine_decay(cfg.lr, max(1, total_steps - warm), end=cfg.lr * 0.05)
-    return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
+def make_optimizer(cfg: TrainConfig, params: nn.Module) -> tuple[optim.Optimizer, list[tuple[optim.Optimizer, float]]]:
+    """AdamW per learning-rate group (TrainConfig.component_lrs; groups with equal rates share one AdamW), and the
+    (optimizer, peak lr) pairs whose rate the trainer sets each step from the one curve, `runs.lr_factor`."""
+    present = {component_of(k) for k, _ in tree_flatten(params.trainable_parameters())} or {"lm"}
+    lrs = cfg.component_lrs()
+    rates = sorted({lrs[c] for c in present}, reverse=True)
+    opts = [optim.AdamW(learning_rate=r, weight_decay=cfg.weight_decay) for r in rates]
+    if len(opts) == 1:
+        return opts[0], [(opts[0], rates[0])]
+    filters = [
+        (lambda path, _w, r=r: lrs[component_of(path)] == r) for r in rates[:-1]
+    ]  # the last optimizer takes the rest
+    return optim.MultiOptimizer(opts, filters), list(zip(opts, rates, strict=True))
+
+
+def _bucket(n: int, size: int) -> int:
+    return max(size, -(-n // size) * size)
 
 
 class Trainer:
@@ -79,20 +92,36 @@ class Trainer:
             [len(e.ids) for e in train.examples], cfg.batch_size, cfg.seed, cfg.group_by_length, self.rank, self.world
         )
         self.batches_per_epoch = self.schedule.per_epoch
-        micro_total = (
-            cfg.max_steps * cfg.grad_accum if cfg.max_steps else math.ceil(self.batches_per_epoch * cfg.epochs)
-        )
-        self.total_steps = max(1, micro_total // cfg.grad_accum)
-        self.optimizer = optim.AdamW(learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay)
+        self.total_steps = cfg.total_steps(self.batches_per_epoch)
         self.step = 0
         self.out = Path(cfg.out)
+        self.runs = RunDir.of(self.out)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.rank == 0)
         self.params_holder = nn.Module()
         self.params_holder.model = model
         if extra_params is not None:
             self.params_holder.extra = extra_params
+        self.optimizer, self.lr_groups = make_optimizer(cfg, self.params_holder)
         self.loss_and_grad = nn.value_and_grad(self.params_holder, self._loss)
+        # The compiled step (mlx-lm's pattern: model and RNG state captured). The distillation loss reads per-batch
+        # Python structures (teacher units), so it runs eagerly.
+        self.compiled = bool(cfg.compile) and extra_loss is None
+        self._build_step()
         self.skipped: dict[str, str] = dict(train.bad)
         self.run_info: dict = {}  # saved in each checkpoint's state.json (e.g. that this is the embedded default)
+
+    def _build_step(self) -> None:
+        """(Re)build the compiled gradient and update functions over the current optimizer state."""
+        self.optimizer.init(self.params_holder.trainable_parameters())  # its state must exist before tracing
+        if not self.compiled:
+            return
+        state = [self.params_holder.state, self.optimizer.state]
+        # (value_and_grad puts its traced parameters into the model, so the model state is an output too)
+        grad_state = [self.params_holder.state, mx.random.state]
+        self._grad_c = mx.compile(
+            nn.value_and_grad(self.params_holder, self._ce_loss), inputs=grad_state, outputs=grad_state
+        )
+        self._update_c = mx.compile(self._apply, inputs=state, outputs=state)
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, batch: dict, step_frac: mx.array):
@@ -106,6 +135,57 @@ class Trainer:
             return ce, ce
         return self.extra_loss(ce, {**kept, "final": h}, batch, step_frac)  # "final": the normed last state
 
+    def _ce_loss(self, batch: dict, n: mx.array):
+        """The compiled step's loss: positions padded to a bucket (weight 0), so a few shapes cover a run."""
+        h, _ = forward_states(
+            self.model,
+            batch,
+            self.cfg.train_vision or self.cfg.stage == "full",
+            bool(self.cfg.grad_checkpoint),
+            (),
+            False,
+        )
+        ce = ce_at(self.model, h, batch["positions"], batch["targets"], weights=batch["weights"]) / n
+        return ce, ce
+
+    def _padded(self, b: Batch) -> dict:
+        """`b` for the compiled step: ids right-padded to a multiple of 16 (causal attention never reads the pad),
+        supervised positions to a multiple of 64 with weight 0; the image slots are counted here, in NumPy."""
+        if b.pixel_values is not None:
+            slots = int((b.input_ids == self.model.config.image_token_index).sum())
+            want = len(b.pixel_values) * self.model.config.num_image_tokens
+            if slots != want:
+                raise ValueError(f"the batch has {slots} <image> tokens but its images give {want} features")
+        B, L = b.input_ids.shape
+        ids = np.full((B, _bucket(L, 16)), self.pad_id, np.int32)
+        ids[:, :L] = b.input_ids
+        # a flat index b * L + t moves to b * L' + t in the wider rows
+        pos = (b.positions // L) * ids.shape[1] + b.positions % L
+        k = _bucket(len(pos), 64)
+        positions, targets, weights = np.zeros(k, np.int32), np.zeros(k, np.int32), np.zeros(k, np.float32)
+        positions[: len(pos)], targets[: len(pos)], weights[: len(pos)] = pos, b.targets, 1.0
+        return {
+            "input_ids": mx.array(ids),
+            "positions": mx.array(positions),
+            "targets": mx.array(targets),
+            "weights": mx.array(weights),
+            "pixel_values": mx.array(b.pixel_values) if b.pixel_values is not None else None,
+        }
+
+    def _apply(self, grads, n: mx.array):
+        grads = tree_map(lambda g: g / n, grads)
+        if self.cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, self.cfg.grad_clip)
+        self.optimizer.update(self.params_holder, grads)
+
+    def set_lr(self) -> float:
+        """Set each group's rate for the step about to run (`self.step`, 0-based); returns the LM's."""
+        f = lr_factor(self.step, self.cfg.warmup, self.total_steps)
+        for opt, peak in self.lr_groups:
+            opt.learning_rate = peak * f
+        self.last_lr = self.cfg.lr * f
+        return self.last_lr
+
     # -- data -------------------------------------------------------------------------------------
     def micro_batches(self, start_micro: int):
         micro = start_micro
@@ -115,8 +195,7 @@ class Trainer:
 
     @property
     def pad_id(self) -> int:
-        t = self.proc.tokenizer
-        return t.pad_token_id if t.pad_token_id is not None else 0
+        return self.proc.pad_id
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, batches: list[Batch]) -> tuple[float, int, dict]:
@@ -134,10 +213,13 @@ class Trainer:
             # resumed run draws the same ones
             micro = self.step * len(batches) + i
             mx.random.seed(self.cfg.seed * 1_000_003 + micro * self.world + self.rank)
-            bm = to_mx(b)
-            if self.augment is not None:
-                bm.update(self.augment(b))
-            (loss, parts), grads = self.loss_and_grad(bm, frac)
+            if self.compiled:
+                (loss, parts), grads = self._grad_c(self._padded(b), mx.array(float(max(len(b.targets), 1))))
+            else:
+                bm = to_mx(b)
+                if self.augment is not None:
+                    bm.update(self.augment(b))
+                (loss, parts), grads = self.loss_and_grad(bm, frac)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(grads_sum, loss)
             loss_sum += loss.item()
@@ -152,14 +234,16 @@ class Trainer:
         if self.group is not None:
             grads_sum = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads_sum)
             n = int(mx.distributed.all_sum(mx.array(used), group=self.group).item())
-        self.step += 1  # a step whose micro-batches were all skipped still consumes them (exact resume)
+        self.set_lr()
         if n == 0:
+            self.step += 1  # a step whose micro-batches were all skipped still consumes them (exact resume)
             return float("nan"), 0, aux
-        grads = tree_map(lambda g: g / n, grads_sum)
-        if self.cfg.grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, self.cfg.grad_clip)
-        self.optimizer.update(self.params_holder, grads)
+        if self.compiled:
+            self._update_c(grads_sum, mx.array(float(n)))
+        else:
+            self._apply(grads_sum, mx.array(float(n)))
         mx.eval(self.params_holder.parameters(), self.optimizer.state)
+        self.step += 1
         k = max(used, 1)
         return loss_sum / k, tokens, {key: v / k for key, v in aux.items()}
 
@@ -200,6 +284,8 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         self.step = load_checkpoint(path, self.params_holder, self.optimizer)
+        self._build_step()
+        self.metrics.rewind(self.step)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, log: Callable[[str], None] = print) -> dict:
@@ -207,7 +293,6 @@ class Trainer:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.out / "metrics.jsonl"
         stop = {"now": False}
         prev = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
         it = prefetch(self.micro_batches(self.step * cfg.grad_accum))
@@ -230,7 +315,7 @@ class Trainer:
                 last = {
                     "step": self.step,
                     "loss": loss,
-                    "lr": float(self.optimizer.learning_rate),
+                    "lr": self.last_lr,
                     "tokens_per_s": t_tok / dt,
                     "peak_gb": mx.get_peak_memory() / 1e9,
                     **aux,
@@ -239,9 +324,8 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{loss:.3f}", tok_s=f"{t_tok / dt:.0f}", peak=f"{last['peak_gb']:.2f}GB", refresh=False
                 )
-                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.metrics.write(last)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.rank == 0:
                     ev = {"step": self.step, "eval_loss": self.eval_loss()}  # (puts the model in eval mode)
                     if self.on_eval:
@@ -250,8 +334,7 @@ class Trainer:
                         "eval "
                         + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items())
                     )
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(ev) + "\n")
+                    self.metrics.write(ev)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:

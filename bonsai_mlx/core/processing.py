@@ -52,6 +52,8 @@ class Processor:
         if not self.chat_template:
             raise ConfigError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")
         self.stop_ids = self._stop_ids()
+        # what batches are padded with (never attended to, never a label): the tokenizer's pad token, else 0
+        self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _processor_template(self) -> str | None:
         if (self.dir / "chat_template.jinja").is_file():
