@@ -103,6 +103,7 @@ def train_bench(cfg: BenchConfig, model_dir: Path, distill: bool, checkpointing:
 
     from bonsai_mlx.core.batching import Batch
     from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.train_config import TrainConfig
     from train_cuda.losses import Aligners, StudentStep
     from train_cuda.student import load_student
 
@@ -126,7 +127,7 @@ def train_bench(cfg: BenchConfig, model_dir: Path, distill: bool, checkpointing:
         pairs = [(-1, -1), (16, round(16 / 32 * n_s))]
         aligners = Aligners(pairs, pc.text.hidden_size, width)
         cache = _SyntheticCache(answer, n_img, [t for t, _ in pairs], width)
-        args = argparse.Namespace(kl=False, feat_loss="mse", alpha=0.5, alpha_end=None)
+        args = TrainConfig(stage="distill", lora_dropout=0.0)
     step = StudentStep(model, aligners, args, pc.image_token_index, cache).to(dev)
     params = [p for p in step.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -5,21 +5,18 @@ Several GPUs: `accelerate launch -m train_cuda.distill ...` (DDP; each rank read
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from train_cuda.trainer import add_common_args, add_distill_args, train
+from train_cuda.trainer import config_from_args, parser, train
 
 
 def main(argv: list[str] | None = None) -> int:
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
-    ap = argparse.ArgumentParser(prog="python -m train_cuda.distill", description=__doc__)
-    add_common_args(ap)
-    add_distill_args(ap)
-    a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
+    ap = parser("python -m train_cuda.distill", __doc__, distill=True)
+    args = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
     with friendly("distill"):
-        train(a, distill=True)
+        train(config_from_args(args, distill=True), distill=True, resume=args.resume)
     return 0
 
 

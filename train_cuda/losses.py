@@ -123,12 +123,13 @@ class StudentStep(nn.Module):
     """The student (peft model) and its aligners as one module whose forward returns the losses: what
     accelerate prepares, so DDP sees (and all-reduces) every trainable, aligners included."""
 
-    def __init__(self, model, aligners, distill_args, image_token_id: int, cache, plan=None):
+    def __init__(self, model, aligners, cfg, image_token_id: int, cache, plan=None):
+        """`cfg`: the run's TrainConfig (its distillation options), or None for plain SFT."""
         super().__init__()
         self.model, self.aligners = model, aligners
-        self.a, self.image_token_id, self.cache = distill_args, image_token_id, cache
+        self.a, self.image_token_id, self.cache = cfg, image_token_id, cache
         self.keep = sorted({s for _, s in aligners.pairs}) if aligners is not None else []
-        if plan is None and distill_args is not None and getattr(distill_args, "kl", False):
+        if plan is None and cfg is not None and cfg.kl:
             from bonsai_mlx.core.distill_targets import LogitPlan
 
             plan = LogitPlan("same-vocab", "the vocabularies are shared")
@@ -145,6 +146,10 @@ class StudentStep(nn.Module):
         o = llava.model(input_ids=input_ids, output_hidden_states=bool(self.keep), **kw)
         h = o.last_hidden_state
         ce = ce_at(llava.lm_head, h, positions, targets)
+        if pixel_values is None:
+            # a text-only micro-batch: the projector is in the graph with zero gradient, as DDP expects every
+            # trainable to get one (LLaVA-665k holds ~40k text-only records)
+            ce = ce + 0.0 * sum(p.sum() for p in llava.model.multi_modal_projector.parameters())
         parts = {"loss": ce, "ce": ce}
         if self.aligners is None:
             return parts
