@@ -75,6 +75,48 @@ def work(batch: int, tokens: int, ckpt: bool, steps: int, model_dir: str | None 
     }
 
 
+def embedded_steps(steps: int, rounds: int, root: str | None = None) -> list[dict]:
+    """The embedded default's training step (its tiny Pico, its options, its synthetic batches), eager and
+    compiled in the same process, interleaved over `rounds` so that machine load hits both alike."""
+    import mlx.core as mx
+
+    from bonsai_mlx import loading
+    from bonsai_mlx.core import synthetic
+    from bonsai_mlx.core.processing import Processor
+    from bonsai_mlx.core.records import Dataset, read_records
+    from bonsai_mlx.core.train_config import TrainConfig
+    from bonsai_mlx.embedded import DEFAULT, make_default_model
+    from bonsai_mlx.trainer import Trainer, setup_trainable
+
+    work_dir = Path(root or tempfile.mkdtemp(prefix="bench-embedded-"))
+    if not (work_dir / "data" / "train.json").is_file():
+        synthetic.export(work_dir / "data", 32 * (steps + 2), 8, seed=0, size=synthetic.DEFAULT_DATA["image_size"])
+    model_dir = make_default_model(work_dir / "init")
+    trainers = {}
+    for compiled in (False, True):
+        model, pcfg = loading.load(model_dir)
+        proc = Processor(model_dir, pcfg)
+        tc = TrainConfig(**{**DEFAULT, "out": str(work_dir / "run"), "compile": compiled, "max_steps": 10**6})
+        mx.random.seed(0)
+        setup_trainable(model, tc)
+        ds = Dataset.build(read_records(work_dir / "data" / "train.json"), proc, str(work_dir / "data" / "images"))
+        tr = Trainer(tc, model, proc, ds)
+        batches = [next(tr.micro_batches(k)) for k in range(steps + 1)]
+        tr.train_step([batches[0]])  # warm-up (and, compiled, the trace)
+        trainers[compiled] = (tr, batches[1:])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for compiled, (tr, batches) in trainers.items():
+            t = time.perf_counter()
+            for b in batches:
+                tr.train_step([b])
+            times[compiled].append((time.perf_counter() - t) / len(batches))
+    rows = []
+    for compiled, ts in times.items():
+        rows.append({"step": "compiled" if compiled else "eager", "step_s": float(np.median(ts)), "rounds": ts})
+    return rows
+
+
 def cuda_present() -> bool:
     """Whether PyTorch sees a CUDA GPU (asked in a subprocess: this process stays free of torch)."""
     code = "import torch; print(torch.cuda.is_available())"
@@ -179,8 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--engines", default="auto", help="auto (MLX, plus train_cuda where CUDA is present) or mlx,train_cuda"
     )
+    ap.add_argument(
+        "--embedded",
+        action="store_true",
+        help="instead: the embedded default's step (python -m bonsai_mlx.train), eager vs compiled in one process",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--embedded: interleaved rounds of --steps steps each")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.embedded:
+        rows = embedded_steps(a.steps, a.rounds)
+        eager, comp = rows[0]["step_s"], rows[1]["step_s"]
+        print("\nthe embedded default's step (batch 32, tiny Pico, stage full), median over rounds\n")
+        print("| step | s/step | rounds |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['step']} | {r['step_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['rounds'])} |")
+        print(f"\ncompiled / eager: {comp / eager:.2f}x the time")
+        return 0
     if a.worker:
         import bonsai_mlx  # noqa: F401
 

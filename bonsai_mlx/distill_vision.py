@@ -36,15 +36,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from bonsai_mlx.core.cli import add_options, from_args, opt
 from bonsai_mlx.core.config import PicoConfig, VisionConfig
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
+from bonsai_mlx.core.runs import RunDir, check_resume, lr_factor, read_state
 from bonsai_mlx.vision import ACTIVATIONS, VisionTower
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LOSSES = ("mse", "cosine", "mse+cosine")
 # vision_config fields a student may change; the rest (image_size, patch_size, channels...) fix the grid
-RESUMABLE = ("out", "steps", "save_every", "cache_gb")  # options a resumed run may change
 STUDENT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 
 
@@ -52,27 +53,31 @@ STUDENT_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "in
 class DistillVisionConfig:
     """The options of one run (saved in each checkpoint, so a resumed run is the same run)."""
 
-    teacher: str
-    images: str
-    out: str
-    image_root: str | None = None
-    student_config: str | None = None  # a JSON file, or inline JSON, of vision_config overrides
-    layers: int | None = None
-    width: int | None = None
-    heads: int | None = None
-    intermediate: int | None = None
-    init: str = "teacher"  # teacher | random
-    loss: str = "mse"  # mse | cosine | mse+cosine
-    map: str = "auto"  # auto (linear when narrower) | linear | none
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 50
-    weight_decay: float = 0.0
-    seed: int = 0
-    eval_images: int = 64
-    save_every: int = 200
-    cache_gb: float = 2.0
+    teacher: str = opt(help="float Pico directory or hub id whose tower is distilled")
+    images: str = opt(help="a folder of images (recursive) or a LLaVA data JSON/JSONL")
+    out: str = opt(help="where to write the new checkpoint (checkpoints go to OUT.ckpt/)")
+    image_root: str | None = opt(None, "folder the data file's image paths are relative to")
+    student_config: str | None = opt(None, "JSON file or inline JSON of vision_config overrides (the flags below win)")
+    layers: int | None = opt(None, "student encoder layers (default: as deep as the layer the projector reads)")
+    width: int | None = opt(None, "student hidden size (default: the teacher's)")
+    heads: int | None = opt(None, "student attention heads (default: keep the teacher's head size)")
+    intermediate: int | None = opt(None, "student MLP size (default: keep the teacher's ratio)")
+    init: str = opt("teacher", "start from the teacher's weights or random", choices=("teacher", "random"))
+    loss: str = opt("mse", "relative MSE, 1 - cosine, or their sum", choices=LOSSES)
+    map: str = opt(
+        "auto",
+        "learned linear map to the teacher's width, folded into the projector (auto: when narrower)",
+        choices=("auto", "linear", "none"),
+    )
+    steps: int = opt(1000, "optimizer steps (0: write the initialised student)")
+    batch_size: int = opt(32, "images per step")
+    lr: float = opt(1e-3, "peak AdamW learning rate (the trainers' curve: warmup from 1%, cosine to 5%)")
+    warmup: int = opt(50, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    seed: int = opt(0, "seed of the held-out split, the order and the init")
+    eval_images: int = opt(64, "held out (at most 10%%) to measure the feature match")
+    save_every: int = opt(200, "checkpoint every N steps (0: never)")
+    cache_gb: float = opt(2.0, "memory for processed images (0: decode every time)")
 
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "random"):
@@ -125,7 +130,7 @@ def list_images(source: str | Path, image_root: str | Path | None = None) -> lis
     return list(seen.values())
 
 
-def student_vision_config(teacher: VisionConfig, cfg: DistillVisionConfig) -> VisionConfig:
+def student_vision_config(teacher: VisionConfig, cfg: DistillVisionConfig, depth: int | None = None) -> VisionConfig:
     """The teacher's vision_config with the student's overrides (a JSON of fields, then the flags)."""
     over: dict = {}
     if cfg.student_config:
@@ -176,6 +181,14 @@ def student_vision_config(teacher: VisionConfig, cfg: DistillVisionConfig) -> Vi
         raise UserError(f"student hidden_size {s.hidden_size} is wider than the teacher's {t.hidden_size}")
     if s.num_hidden_layers > t.num_hidden_layers:
         raise UserError(f"student has {s.num_hidden_layers} layers, more than the teacher's {t.num_hidden_layers}")
+    if depth is not None and s.num_hidden_layers > depth:
+        if "num_hidden_layers" not in over:  # the default: as deep as what the projector reads, no deeper
+            s.num_hidden_layers = depth
+        else:
+            raise UserError(
+                f"student has {s.num_hidden_layers} layers, but the projector reads the teacher's layer {depth}: "
+                f"layers past it would have no teacher layer to learn from (use --layers {depth} or fewer)"
+            )
     if s.hidden_size % s.num_attention_heads:
         raise UserError(f"student hidden_size {s.hidden_size} is not divisible by {s.num_attention_heads} heads")
     if s.hidden_act not in ACTIVATIONS:
@@ -358,7 +371,7 @@ class Run:
             )
         self.depth = feature_depth(self.pcfg)
         self.drop_first = self.pcfg.vision_feature_select_strategy == "default"
-        self.scfg = student_vision_config(self.pcfg.vision, cfg)
+        self.scfg = student_vision_config(self.pcfg.vision, cfg, self.depth)
         self.proc = Processor(self.teacher_dir, self.pcfg)
         images = list_images(cfg.images, cfg.image_root)
         rng = np.random.default_rng(cfg.seed)
@@ -375,7 +388,7 @@ class Run:
         self.init_notes: list[str] = []
         self.t_var = 1.0
         self.step = 0
-        self.optimizer = optim.AdamW(learning_rate=self._schedule(), weight_decay=cfg.weight_decay)
+        self.optimizer = optim.AdamW(learning_rate=cfg.lr, weight_decay=cfg.weight_decay)  # rate set per step
         self.history: list[dict] = []
         self._cache: dict[Path, np.ndarray] = {}
         self._cached_bytes = 0
@@ -410,13 +423,6 @@ class Run:
                 self._perm_epoch = epoch
             out.append(self.train_images[self._perm[pos % n]])
         return out
-
-    def _schedule(self):
-        cfg = self.cfg
-        total = max(1, cfg.steps)
-        warm = max(1, min(cfg.warmup, total - 1))
-        decay = optim.cosine_decay(cfg.lr, max(1, total - warm), end=cfg.lr * 0.05)
-        return optim.join_schedules([optim.linear_schedule(cfg.lr * 0.01, cfg.lr, warm), decay], [warm])
 
     # -- init
     def initialise(self) -> None:
@@ -476,6 +482,7 @@ class Run:
         try:
             for px in prefetch(batches()):
                 loss, grads = step_fn(self.student, px, self.teacher_features(px))
+                self.optimizer.learning_rate = cfg.lr * lr_factor(self.step, cfg.warmup, max(1, cfg.steps))
                 self.optimizer.update(self.student, grads)
                 mx.eval(loss, self.student.parameters(), self.optimizer.state)
                 self.step += 1
@@ -499,9 +506,8 @@ class Run:
         from bonsai_mlx.weights import atomic_save_safetensors
 
         name = f"step-{self.step:07d}"
-        tmp = root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        runs = RunDir(root)
+        tmp = runs.begin(name)
         atomic_save_safetensors(tmp / "student.safetensors", dict(tree_flatten(self.student.parameters())))
         opt = {k: v for k, v in tree_flatten(self.optimizer.state) if isinstance(v, mx.array)}
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt)
@@ -513,35 +519,21 @@ class Run:
             "init_notes": self.init_notes,
             "history": self.history,
         }
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-        shutil.rmtree(root / name, ignore_errors=True)
-        os.replace(tmp, root / name)
-        atomic_write_text(root / "latest", name + "\n")
-        for old in root.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        return root / name
+        return runs.commit(name, state, keep_only_latest=True)
 
     def load_checkpoint(self, root: Path) -> bool:
         """Continue from `root/latest` if there is one (same student and options, else a one-line error)."""
         from mlx.utils import tree_unflatten
 
-        latest = root / "latest"
-        if not latest.is_file():
+        ck = RunDir(root).latest()
+        if ck is None:
             return False
-        ck = root / latest.read_text().strip()
-        state = json.loads((ck / "state.json").read_text())
+        state = read_state(ck)
         if state["student_vision_config"] != asdict(self.scfg):
             raise UserError(
                 f"{ck}: was written for another student ({state['student_vision_config']}); use a new --out"
             )
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
-        now = {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise UserError(
-                f"{ck}: was written with other options ({', '.join(diff)}); use the same ones or a new --out"
-            )
+        check_resume(ck, state["config"], asdict(self.cfg))  # the one resume policy (core/runs.py)
         self.student.load_weights(list(mx.load(str(ck / "student.safetensors")).items()), strict=True)
         self.optimizer.init(self.student.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
@@ -635,36 +627,7 @@ def parser() -> argparse.ArgumentParser:
         "Then heal it: python -m bonsai_mlx.train --model pico-v6/ --data train.json --image-root img/ --stage align "
         "--max-steps 300 --out runs/heal && python -m convert fuse pico-v6/ runs/heal pico-v6-healed/",
     )
-    ap.add_argument("--teacher", required=True, help="float Pico directory or hub id whose tower is distilled")
-    ap.add_argument("--images", required=True, help="a folder of images (recursive) or a LLaVA data JSON/JSONL")
-    ap.add_argument("--image-root", help="folder the data file's image paths are relative to")
-    ap.add_argument("--out", required=True, help="where to write the new checkpoint (checkpoints go to OUT.ckpt/)")
-    ap.add_argument(
-        "--student-config", help="JSON file or inline JSON of vision_config overrides (the flags below win)"
-    )
-    ap.add_argument("--layers", type=int, help="student encoder layers (default: the teacher's)")
-    ap.add_argument("--width", type=int, help="student hidden size (default: the teacher's)")
-    ap.add_argument("--heads", type=int, help="student attention heads (default: keep the teacher's head size)")
-    ap.add_argument("--intermediate", type=int, help="student MLP size (default: keep the teacher's ratio)")
-    ap.add_argument(
-        "--init", choices=["teacher", "random"], default="teacher", help="start from the teacher's weights or random"
-    )
-    ap.add_argument("--loss", choices=LOSSES, default="mse", help="relative MSE, 1 - cosine, or their sum")
-    ap.add_argument(
-        "--map",
-        choices=["auto", "linear", "none"],
-        default="auto",
-        help="learned linear map to the teacher's width, folded into the projector (auto: when narrower)",
-    )
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps (0: write the initialised student)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup, cosine decay)")
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-images", type=int, default=64, help="held out (at most 10%%) to measure the feature match")
-    ap.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: never)")
-    ap.add_argument("--cache-gb", type=float, default=2.0, help="memory for processed images (0: decode every time)")
+    add_options(ap, DistillVisionConfig, required=("teacher", "images", "out"))
     ap.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/latest")
     return ap
 
@@ -674,8 +637,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     with friendly("distill_vision"):
-        names = {f.name for f in fields(DistillVisionConfig)}
-        cfg = DistillVisionConfig(**{k: v for k, v in vars(args).items() if k in names})
+        cfg = from_args(DistillVisionConfig, args)
         r = distill(cfg, resume=args.resume)
         b, a = r["feature_match_at_init"], r["feature_match_final"]
         print(

@@ -152,3 +152,23 @@ def test_bad_input_is_a_one_line_error(pico_dir, images, tmp_path, capsys, extra
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("distill_vision: ") and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_student_deeper_than_the_feature_layer_is_refused_or_capped(pico_dir, images, tmp_path, capsys):
+    """llava-1.5 reads the tower's second-to-last layer (-2): a student as deep as the whole tower would end in a
+    layer no teacher layer teaches, the very one the projector reads."""
+    import shutil
+
+    teacher = tmp_path / "teacher-l2"
+    shutil.copytree(pico_dir, teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg["vision_feature_layer"] = -2  # of 3 layers: the projector reads layer 2
+    (teacher / "config.json").write_text(json.dumps(cfg))
+    args = ["--teacher", str(teacher), "--images", str(images), "--steps", "1", "--batch-size", "4"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "deep"), "--layers", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "reads the teacher's layer 2" in err, err
+    assert main([*args, "--out", str(tmp_path / "capped")]) == 0  # no --layers: as deep as the feature layer
+    v = json.loads((tmp_path / "capped" / "config.json").read_text())["vision_config"]
+    assert v["num_hidden_layers"] == 2

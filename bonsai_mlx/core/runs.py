@@ -20,7 +20,7 @@ from bonsai_mlx.core.io import CheckpointError, atomic_write_text
 
 # Options a resumed run may change: where it logs and how often it saves or evaluates. Any other change would make
 # the continuation a different run than the one the checkpoint started, so it is refused, naming the option.
-RESUME_FREE = frozenset({"out", "log_every", "save_every", "eval_every", "eval_data", "on_bad_sample"})
+RESUME_FREE = frozenset({"out", "log_every", "save_every", "eval_every", "eval_data", "on_bad_sample", "cache_gb"})
 
 WARMUP_START = 0.01  # warmup climbs from 1% of the peak ...
 COSINE_FLOOR = 0.05  # ... and the cosine ends at 5% of it, not at 0 (the last steps still learn)
