@@ -20,19 +20,21 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from bonsai_mlx.core.cli import add_options, from_args, opt
 from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.model import Pico
 
 
 @dataclass
 class PruneConfig:
-    mlp_keep: float = 0.75
-    heads_keep: float = 0.75
-    multiple_of: int = 64  # kept MLP width is a multiple of this (quantization groups), when it can be
-    calib: str | None = None
-    image_root: str | None = None
-    calib_samples: int = 128
-    batch_size: int = 8
+    mlp_keep: float = opt(0.75, "share of MLP channels kept per layer")
+    heads_keep: float = opt(0.75, "share of KV head groups kept per layer")
+    # a multiple of the quantization group, where it can be
+    multiple_of: int = opt(64, "round the kept MLP width to a multiple of this")
+    calib: str | None = opt(None, "LLaVA JSON for activation-based importance (default: weight norms)")
+    image_root: str | None = opt(None, "folder the calibration records' images are relative to")
+    calib_samples: int = opt(128, "calibration records used")
+    batch_size: int = opt(8, "calibration batch size")
 
     def __post_init__(self) -> None:
         for name, v in (("--mlp-keep", self.mlp_keep), ("--heads-keep", self.heads_keep)):
@@ -178,20 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", required=True, help="float Pico directory or hub id")
     ap.add_argument("--out", required=True, help="where to write the pruned checkpoint")
-    ap.add_argument("--mlp-keep", type=float, default=0.75, help="share of MLP channels kept per layer")
-    ap.add_argument("--heads-keep", type=float, default=0.75, help="share of KV head groups kept per layer")
-    ap.add_argument("--multiple-of", type=int, default=64, help="round the kept MLP width to a multiple of this")
-    ap.add_argument("--calib", help="LLaVA JSON for activation-based importance (default: weight norms)")
-    ap.add_argument("--image-root", help="folder the calibration records' images are relative to")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_options(ap, PruneConfig)
     args = ap.parse_args(argv)
     with friendly("prune"):
-        cfg = PruneConfig(
-            **{k: getattr(args, k) for k in ("mlp_keep", "heads_keep", "multiple_of", "calib", "image_root")},
-            calib_samples=args.calib_samples,
-            batch_size=args.batch_size,
-        )
+        cfg = from_args(PruneConfig, args)
         from bonsai_mlx import loading
         from bonsai_mlx.core.processing import Processor
         from bonsai_mlx.core.records import read_records

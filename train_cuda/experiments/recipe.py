@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from bonsai_mlx.core.errors import BonsaiError, UserError
+from bonsai_mlx.core.runs import lr_factor
 
 IMAGE = "<image>"
 CAPTION = "caption"  # the record type of caption samples (synthetic.sample's)
@@ -295,8 +296,8 @@ def _texts(records: list[dict], tok) -> list[str]:
 
 
 def _schedule(step: int, steps: int) -> float:
-    warm = max(1, steps // 20)
-    return min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+    """The trainers' one curve (core/runs.py), warming up over the first 5% of the steps."""
+    return lr_factor(step, max(1, steps // 20), steps)
 
 
 # ---- (a) the language model -------------------------------------------------------------------------------
