@@ -8,7 +8,7 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.rope_utils import initialize_rope
 
-from bonsai_mlx import device, quantize
+from bonsai_mlx import device, fastmath, quantize
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.quantize import DEQUANT_ROWS
 from bonsai_mlx.vision import VisionTower
@@ -53,6 +53,7 @@ class Pico(nn.Module):
         if config.text.attention_head_dim != config.text.hidden_size // config.text.num_attention_heads:
             for layer in self.language_model.layers:
                 _resize_heads(layer.self_attn, args, config.text.attention_head_dim)
+        fastmath.use_fast_silu(self.language_model)  # CPU backend: SiLU in arithmetic ops (exact, ~4x faster)
 
     # -- vision -------------------------------------------------------------------------------
     def image_features(self, pixel_values: mx.array, tower_grad: bool = True) -> mx.array:
