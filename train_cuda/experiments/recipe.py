@@ -43,9 +43,10 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bonsai_mlx.core.cli import add_options, from_args
 from bonsai_mlx.core.errors import BonsaiError, UserError
 from bonsai_mlx.core.runs import lr_factor
 
@@ -756,15 +757,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in fields(Setup):
-        d = f.default
-        kind = {"int | None": int, "float": float, "int": int, "str": str}.get(str(f.type), type(d))
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=d)
+    add_options(ap, Setup)
     ap.add_argument("--quick", action="store_true", help="a smoke run in tens of seconds (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly
 
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__})
+    s = from_args(Setup, a)
     if a.quick:  # the smoke sizes, where no flag says otherwise
         for k, v in QUICK.items():
             if getattr(s, k) == getattr(Setup, k):
