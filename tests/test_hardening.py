@@ -271,6 +271,7 @@ def _(ctx: Ctx):
     "one row per record, each scored once; resume redoes nothing",
 )
 def _(ctx: Ctx):
+    from bonsai_mlx import predictions
     from bonsai_mlx.evaluate import evaluate
 
     recs = []
@@ -280,11 +281,79 @@ def _(ctx: Ctx):
         )
     out = ctx.tmp / "preds.jsonl"
     s = evaluate(*ctx.mp, recs, out, str(ctx.tmp), max_tokens=2, progress=False)
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = predictions.rows(out)  # (the header line left out)
     assert s["n"] == 3 and [r["id"] for r in rows] == ["#0", "#1", "#2"]
     assert [r["answers"] for r in rows] == [["yes"], ["no"], ["yes"]]
     evaluate(*ctx.mp, recs, out, str(ctx.tmp), max_tokens=2, progress=False)  # resume: all done already
-    assert len(out.read_text().splitlines()) == 3
+    assert len(predictions.rows(out)) == 3
+
+
+def _eval_args(ctx: Ctx, recs: list[dict], model: Path | None = None) -> list[str]:
+    data = ctx.tmp / "eval.json"
+    data.write_text(json.dumps(recs))
+    out = ["--model", str(model or ctx.pico_dir), "--data", str(data), "--image-root", str(ctx.tmp)]
+    return [*out, "--out", str(ctx.tmp / "preds.jsonl"), "--max-tokens", "2", "--metrics", "vqa"]
+
+
+def _eval_recs(ctx: Ctx, n: int = 3) -> list[dict]:
+    return [
+        {"id": f"q{i}", "image": _image_file(ctx, f"{i}.png", _png(image(i))), "question": "Red?", "answer": "yes"}
+        for i in range(n)
+    ]
+
+
+@row(
+    "(issue 26) evaluate --out holding another model's predictions, or a file with no header",
+    "evaluate",
+    "one line naming the file and what differs; nothing generated, the file untouched",
+)
+def _(ctx: Ctx):
+    from helpers import make_hf_pico
+
+    from bonsai_mlx.evaluate import main
+
+    recs = _eval_recs(ctx)
+    assert main(_eval_args(ctx, recs)) == 0
+    out = ctx.tmp / "preds.jsonl"
+    before = out.read_text()
+    assert json.loads(before.splitlines()[0])["model"]["weights_sha256"]  # the header names the model
+    other = make_hf_pico(ctx.tmp / "other", seed=1)
+    _one_line_error(ctx, main, _eval_args(ctx, recs, other), "holds predictions of another run (weights:")
+    _one_line_error(ctx, main, [*_eval_args(ctx, recs)[:-4], "--max-tokens", "5", "--metrics", "vqa"], "generation")
+    assert out.read_text() == before
+    recs[0]["answer"] = "no"  # the data changed
+    _one_line_error(ctx, main, _eval_args(ctx, recs), "(data:")
+    out.write_text(before.split("\n", 1)[1])  # rows without a header (an older version's file)
+    _one_line_error(ctx, main, _eval_args(ctx, recs), "preds.jsonl: has no header")
+
+
+@row(
+    "(issue 26) eval records whose image is missing or corrupt",
+    "evaluate",
+    "counted error rows, left out of the scores; the rest answered; a rerun retries them",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.evaluate import main
+
+    recs = _eval_recs(ctx, 4)
+    recs[1]["image"] = "gone.png"
+    recs[2]["image"] = _image_file(ctx, "junk.png", b"not a png")
+    ctx.capsys.readouterr()
+    assert main(_eval_args(ctx, recs)) == 0
+    from bonsai_mlx import predictions
+
+    assert "2 records had an unreadable image and were not scored: q1, q2" in ctx.capsys.readouterr().out
+    rows = {r["id"]: r for r in predictions.rows(ctx.tmp / "preds.jsonl")}
+    assert set(rows) == {"q0", "q1", "q2", "q3"}
+    assert "gone.png: no such file" in rows["q1"]["error"] and "not a readable image" in rows["q2"]["error"]
+    assert rows["q0"]["prediction"] is not None and "error" not in rows["q0"]
+    s = json.loads((ctx.tmp / "preds.summary.json").read_text())
+    assert s["n"] == 2 and s["errors"] == 2 and s["error_ids"] == ["q1", "q2"]
+    _image_file(ctx, "junk.png", _png(image(9)))  # fixed: the rerun answers it, and only the bad ones are redone
+    assert main(_eval_args(ctx, recs)) == 0
+    s = json.loads((ctx.tmp / "preds.summary.json").read_text())
+    assert s["n"] == 3 and s["errors"] == 1 and s["error_ids"] == ["q1"]
+    assert len(predictions.rows(ctx.tmp / "preds.jsonl")) == 4 + 2
 
 
 # -- chat ------------------------------------------------------------------------------------------------------------
