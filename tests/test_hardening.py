@@ -471,16 +471,16 @@ def _(ctx: Ctx):
     ctx.monkeypatch.setattr(cls, "__call__", orig)
     offsets = {c.offset for c in s.cache}
     assert offsets == {len(s.cached_ids)}
-    chunks = list(s.ask("and the circle?", None, Sampling(max_tokens=6, ignore_stop=True)))
+    chunks = list(s.ask("and the circle? " * 3, None, Sampling(max_tokens=64, ignore_stop=True)))
     got = [t for c in chunks for t in c.tokens]
     assert got == _greedy_without_cache(ctx, s, len(got))
 
 
-def _greedy_without_cache(ctx: Ctx, s, n: int) -> list[int]:
+def _greedy_without_cache(ctx: Ctx, s, n: int, mp: tuple | None = None) -> list[int]:
     """The last answer recomputed from the session's token history with full forwards (no cache)."""
     import mlx.core as mx
 
-    model, proc = ctx.mp
+    model, proc = mp or ctx.mp
     ids = list(s._ids[:-n])
     pv = mx.array(proc.pixel_values(s.images))
     out = []
@@ -528,6 +528,90 @@ def _(ctx: Ctx):
             streamed += d.last_segment
         d.finalize()
         assert streamed + d.last_segment == proc.decode(toks)
+
+
+def _p512(ctx: Ctx):
+    from helpers import make_hf_pico
+
+    from bonsai_mlx.generate import load
+
+    return load(str(make_hf_pico(ctx.tmp / "p512", max_positions=512)))
+
+
+@row(
+    "(issue 26) a chat that grows past the model's context (a 512-position Pico)",
+    "chat (library, CLI)",
+    "the oldest exchanges without an image are dropped (the image turn kept), so no turn runs past 512 positions; "
+    "the answer equals a full forward over what is kept",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.generate import ChatSession, Sampling
+
+    model, proc = _p512(ctx)
+    s = ChatSession(model, proc)
+    _answer(s.ask("describe the image.", image(0), Sampling(max_tokens=8)))
+    all_stats = []
+    for i in range(14):
+        all_stats.append(_answer(s.ask(f"question {i}: " + "what colour is the square? " * 4, None, Sampling(24)))[1])
+        assert len(s._ids) <= 512 and max(c.offset for c in s.cache) <= 512
+    assert any(x.trimmed_messages and "dropped to fit the context" in x.line() for x in all_stats)
+    assert s.messages[0]["content"][0] == {"type": "image"} and len(s.images) == 1  # the image turn stayed
+    assert "question 0:" not in json.dumps(s.messages) and "question 13:" in json.dumps(s.messages)
+    chunks = list(s.ask("and the circle? " * 3, None, Sampling(max_tokens=64, ignore_stop=True)))
+    got = [t for c in chunks for t in c.tokens]
+    assert chunks[-1].stats.trimmed_messages > 0  # this turn trimmed: the cache was rebuilt from what is kept
+    assert got == _greedy_without_cache(ctx, s, len(got), (model, proc))
+
+
+@row(
+    "(issue 26) one message longer than the context; on_overflow='refuse'",
+    "chat (library, CLI generate --prompt)",
+    "refused: 'this model's context is 512 tokens'; the session as before; the CLI prints one line",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.core.errors import UserError
+    from bonsai_mlx.generate import ChatSession, Sampling
+    from bonsai_mlx.generate import main as generate
+
+    model, proc = _p512(ctx)
+    s = ChatSession(model, proc)
+    _answer(s.ask("what colour?", image(0), Sampling(max_tokens=4)))
+    before = _snapshot(s)
+    with pytest.raises(UserError, match="context is 512 tokens"):
+        _answer(s.ask("red " * 600, None, Sampling(max_tokens=4)))
+    assert _snapshot(s) == before
+    strict = ChatSession(model, proc, on_overflow="refuse")
+    with pytest.raises(UserError, match="context is 512 tokens"):
+        _answer(strict.ask("hi", image(0), Sampling(max_tokens=600)))
+    assert strict.messages == [] and strict.images == []
+    argv = ["--model", str(ctx.tmp / "p512"), "--prompt", "red " * 600, "--max-tokens", "4"]
+    _one_line_error(ctx, generate, argv, "context is 512 tokens")
+
+
+@row(
+    "(issue 26) a long chat, and a message longer than the context, in the app (512-position Pico)",
+    "app",
+    "old turns are left out (said under the answer); a message that cannot fit gets a friendly note",
+)
+def _(ctx: Ctx):
+    from app.chat import Conversation, Settings, submit
+    from app.registry import Registry
+
+    _p512(ctx)
+    reg = Registry({"p": ctx.tmp / "p512"})
+    c = Conversation()
+    img = ctx.tmp / "a.png"
+    image(0).save(img)
+    list(submit(c, reg, "p", "describe the image.", str(img), Settings(max_tokens=8)))
+    for i in range(14):
+        list(submit(c, reg, "p", f"question {i}: " + "how many circles are there? " * 4, None, Settings(max_tokens=24)))
+        assert len(c.session._ids) <= 512
+    assert any("left out to fit the context" in line for line in c.stats)
+    assert c.history[0]["content"] == {"path": str(img)}  # the screen keeps everything
+    last = list(submit(c, reg, "p", "red " * 600, None, Settings(max_tokens=4)))[-1][-1]["content"]
+    assert "context is 512 tokens" in last and last.startswith("⚠️")
+    list(submit(c, reg, "p", "and now?", None, Settings(max_tokens=2)))
+    assert c.session.messages[-1]["role"] == "assistant"
 
 
 @row("empty message; a message over the prompt limit", "app", "a friendly note in the chat; the tab keeps working")
