@@ -6,6 +6,7 @@ work and no stuck session. Rows tagged (#N) cover the numbered items of the issu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -852,6 +853,262 @@ def _(ctx: Ctx):
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert json.loads((out / "checkpoints" / "final" / "state.json").read_text())["step"] == 6
+
+
+# -- the OpenAI-compatible server ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serving(ctx: Ctx, **limits):
+    """The server in this process (its engine reachable for checks), on a free loopback port."""
+    from bonsai_mlx.server import Limits, make_server
+
+    srv = make_server(str(ctx.pico_dir), "127.0.0.1", 0, None, Limits(**limits))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", srv.RequestHandlerClass.engine
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _chat_body(n: int = 2, stream: bool = False, images: list[bytes] = (), text: str = "Describe the image.") -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": _data_uri(b)}} for b in images]
+    msgs = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return {"model": "pico", "messages": msgs, "max_tokens": n, "temperature": 0, "stream": stream}
+
+
+def _data_uri(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _raw_post(url: str, body: dict | bytes, rcvbuf: int | None = None):
+    """A client on a bare socket: sends the request and returns the socket, unread."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((u.hostname, u.port))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def _post(url: str, body: dict | bytes, timeout: float = 30.0):
+    import httpx
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/v1/chat/completions", content=data, timeout=timeout)
+
+
+def _timed(fn) -> tuple[object, float]:
+    t = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t
+
+
+@row(
+    "(issue 26) a streaming client that stops reading (its socket full); clients that leave mid-answer, streamed or "
+    "not",
+    "server",
+    "no lock is held across a socket write: others are answered meanwhile; the stalled one is dropped after "
+    "--write-timeout; a client that leaves cancels its generation",
+)
+def _(ctx: Ctx):
+    with _serving(ctx, write_timeout=1.0) as (url, _):
+        long = _chat_body(3000, stream=True)  # the tiny random Pico never stops early: ~10 s of tokens
+        stalled = _raw_post(url, long, rcvbuf=4096)  # and never reads
+        time.sleep(1.0)
+        r, dt = _timed(lambda: _post(url, _chat_body(2), timeout=20))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 and dt < 8, dt
+        stalled.settimeout(10)
+        got = b""
+        while chunk := stalled.recv(1 << 16):  # what it was sent before it was dropped
+            got += chunk
+        assert b"data: [DONE]" not in got and got.count(b'"content"') < 3000  # cancelled, not run to the end
+        stalled.close()
+        for stream in (False, True):  # a client that goes away: its 3000 tokens are not generated
+            s = _raw_post(url, _chat_body(3000, stream=stream))
+            time.sleep(0.5)
+            s.close()
+            r, dt = _timed(lambda: _post(url, _chat_body(2), timeout=20))
+            assert r.status_code == 200 and dt < 4, (stream, dt)
+
+
+@row(
+    "(issue 26) more requests than the waiting line holds; more connections than allowed; a client that sends its "
+    "request a byte at a time",
+    "server",
+    "429 / 503 with OpenAI error JSON at once; the slow request's connection closed after --read-timeout; the "
+    "requests in line are answered",
+)
+def _(ctx: Ctx):
+    import socket
+
+    with _serving(ctx, max_waiting=1, max_connections=3, read_timeout=1.0) as (url, eng):
+        busy = _raw_post(url, _chat_body(3000, stream=True))  # being answered
+        time.sleep(0.5)
+        waiting: list = []
+        t = threading.Thread(target=lambda: waiting.append(_post(url, _chat_body(2), timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while eng.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = _post(url, _chat_body(2))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "busy", r.text
+        idle = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # the third connection
+        r = _post(url, _chat_body(2))  # a fourth
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        busy.close()
+        t.join(timeout=60)
+        assert waiting and waiting[0].status_code == 200
+        idle.settimeout(5)
+        idle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # ... and nothing more
+        t0 = time.monotonic()
+        assert idle.recv(100) == b"" and time.monotonic() - t0 < 4  # closed by the read deadline
+        assert _post(url, _chat_body(2)).status_code == 200
+
+
+@row(
+    "(issue 26) decode amplification: 64-megapixel single-colour PNGs (200 KB each) in one body; more images than "
+    "the cap",
+    "server",
+    "413 from the headers' sizes, before decoding; 400 over --max-images; the session keeps shrunk arrays, not "
+    "originals",
+)
+def _(ctx: Ctx):
+    big = _png(Image.new("1", (8000, 8000)))
+    assert len(big) < 300_000
+    small = _png(image(3, (640, 480)))
+    with _serving(ctx, max_images=3) as (url, eng):
+        r, dt = _timed(lambda: _post(url, _chat_body(2, images=[big] * 2)))
+        assert r.status_code == 413 and "pixels" in r.json()["error"]["message"] and dt < 3, (r.text, dt)
+        r = _post(url, _chat_body(2, images=[small] * 4))
+        assert r.status_code == 400 and "at most 3" in r.json()["error"]["message"]
+        r = _post(url, _chat_body(2, images=[small]))
+        assert r.status_code == 200
+        (session,) = eng.sessions.values()
+        (kept,) = session.images
+        assert isinstance(kept, np.ndarray) and kept.shape == (3, 32, 32)  # the model's input, not 640x480 RGB
+
+
+@row(
+    "(issue 26) image URLs: by default; to loopback, private, link-local hosts with --url-fetch public; a redirect",
+    "server",
+    "off by default (400 says so); refused without connecting, with one generic error text; redirects never followed",
+)
+def _(ctx: Ctx):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bonsai_mlx.serving.fetch import FAILED, is_public
+
+    hits: list[str] = []
+
+    class Files(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(302 if self.path == "/moved" else 200)
+            self.send_header("Location", "/a.png")
+            self.end_headers()
+            self.wfile.write(_png(image(0)))
+
+        def log_message(self, *a):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    port = files.server_address[1]
+
+    def with_url(u: str) -> dict:
+        body = _chat_body(2)
+        body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": u}})
+        return body
+
+    try:
+        with _serving(ctx) as (url, _):
+            r = _post(url, with_url(f"http://127.0.0.1:{port}/a.png"))
+            assert r.status_code == 400 and "disabled" in r.json()["error"]["message"]
+        with _serving(ctx, url_fetch="public", fetch_timeout=2) as (url, _):
+            for u in (f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/a.png", "http://10.1.2.3/a.png"):
+                r = _post(url, with_url(u))
+                assert r.status_code == 400 and r.json()["error"]["message"] == FAILED, (u, r.text)
+            for u in ("http://169.254.169.254/latest/meta-data", "http://[::1]:9/x", "http://[::ffff:127.0.0.1]/x"):
+                assert _post(url, with_url(u)).json()["error"]["message"] == FAILED, u
+            assert hits == []  # nothing on this machine was contacted
+        with _serving(ctx, url_fetch="any", fetch_timeout=2) as (url, _):
+            assert _post(url, with_url(f"http://127.0.0.1:{port}/a.png")).status_code == 200
+            r = _post(url, with_url(f"http://127.0.0.1:{port}/moved"))
+            assert r.status_code == 400 and r.json()["error"]["message"] == FAILED
+            assert hits == ["/a.png", "/moved"]  # the redirect was not followed
+    finally:
+        files.shutdown()
+    ips = ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1"]
+    ips += ["fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1"]
+    assert not any(is_public(ip) for ip in ips) and is_public("8.8.8.8") and is_public("2606:4700::1111")
+
+
+@row(
+    "(issue 26) JSON nested 100,000 deep; an unknown HTTP method; an error inside the engine; a request past "
+    "--request-timeout",
+    "server",
+    "400 / 501 / 500 / 504 as OpenAI error JSON (streamed: an error event); the server goes on serving",
+)
+def _(ctx: Ctx):
+    import socket
+
+    from bonsai_mlx.serving.engine import Engine
+
+    with _serving(ctx, request_timeout=1.5) as (url, _):
+        r = _post(url, b"[" * 100_000 + b"]" * 100_000)
+        assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(b"BREW /coffee HTTP/1.1\r\n\r\n")
+        reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.0 501") and '"invalid_request_error"' in reply, reply
+        r = _post(url, _chat_body(3000))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        r = _post(url, _chat_body(3000, stream=True))
+        events = [x for x in r.text.split("\n\n") if x.startswith("data: {")]
+        assert r.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "timeout"
+        orig = Engine.check
+        ctx.monkeypatch.setattr(Engine, "check", lambda self, req: {}["a bug"])
+        r = _post(url, _chat_body(2))
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        ctx.monkeypatch.setattr(Engine, "check", orig)
+        assert _post(url, _chat_body(2)).status_code == 200
+
+
+@row(
+    "(issue 26) binding a non-loopback address without --api-key",
+    "server",
+    "a warning on stderr naming the address and the fix",
+)
+def _(ctx: Ctx):
+    import bonsai_mlx.server as server
+
+    assert server.exposure_warning("127.0.0.1", None) is None and server.exposure_warning("localhost", None) is None
+    assert server.exposure_warning("0.0.0.0", "key") is None
+
+    class Fake:
+        server_address = ("0.0.0.0", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    ctx.monkeypatch.setattr(server, "make_server", lambda *a, **k: Fake())
+    ctx.capsys.readouterr()
+    assert server.main(["--model", "m", "--host", "0.0.0.0"]) == 0
+    err = ctx.capsys.readouterr().err
+    assert "warning: binding 0.0.0.0" in err and "--api-key" in err
 
 
 # -- model directories and adapters ----------------------------------------------------------------------------------
