@@ -1069,7 +1069,11 @@ def _(ctx: Ctx):
         assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
         s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
         s.sendall(b"BREW /coffee HTTP/1.1\r\n\r\n")
-        reply = s.recv(4096).decode()
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        reply = reply.decode()
         assert reply.startswith("HTTP/1.0 501") and '"invalid_request_error"' in reply, reply
         r = _post(url, _chat_body(3000))
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"

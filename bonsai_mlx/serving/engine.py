@@ -78,13 +78,15 @@ class Engine:
         self._worker.start()
 
     # -- the HTTP threads' side ----------------------------------------------------------------------------------
+    def check_line(self) -> None:
+        """Refuse (429) when the waiting line is full."""
+        if self._waiting >= self.limits.max_waiting:
+            raise RequestError(429, f"the server is busy ({self._waiting} requests waiting); retry later", code="busy")
+
     def submit(self, req: ChatRequest, arrived: float) -> Job:
         """Put a request in line, or refuse it (429) when the line is full."""
         with self._count:
-            if self._waiting >= self.limits.max_waiting:
-                raise RequestError(
-                    429, f"the server is busy ({self._waiting} requests waiting); retry later", code="busy"
-                )
+            self.check_line()
             self._waiting += 1
         job = Job(req, arrived + self.limits.request_timeout, queue.Queue(maxsize=self.limits.stream_buffer))
         self._line.put(job)

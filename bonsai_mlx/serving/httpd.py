@@ -78,6 +78,27 @@ def gone(sock: socket.socket) -> bool:
         return True
 
 
+class Budget:
+    """Bytes of request bodies held at once, all connections together: connections x body cap would otherwise
+    bound memory (64 x 32 MiB), and a request waits for room instead."""
+
+    def __init__(self, total: int):
+        self.free = total
+        self._cv = threading.Condition()
+
+    def take(self, n: int, timeout: float) -> bool:
+        with self._cv:
+            if not self._cv.wait_for(lambda: self.free >= n, timeout):
+                return False
+            self.free -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._cv:
+            self.free += n
+            self._cv.notify_all()
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "bonsai-mlx"
     engine: Engine
@@ -180,14 +201,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._handle(self._chat)
 
-    def _body(self) -> Any:
+    def _size(self) -> int:
         size = self.headers.get("Content-Length")
         if size is None or not size.isdigit():
             raise RequestError(411 if size is None else 400, "a Content-Length header is required")
         if int(size) > self.limits.max_body_bytes:
             raise RequestError(413, f"request body is {int(size):,} bytes, over {self.limits.max_body_bytes:,}")
-        raw = self.rfile.read(int(size))
-        if len(raw) < int(size):
+        return int(size)
+
+    def _body(self, size: int) -> Any:
+        raw = self.rfile.read(size)
+        if len(raw) < size:
             raise ClientGone()  # cut off, or too slow (the read deadline shut the socket)
         self.watchdog.disarm(self.connection)
         try:
@@ -203,10 +227,15 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/v1/chat/completions":
             raise RequestError(404, f"no route {self.path[:100]}")
         eng = self.engine
-        req = parse_request(self._body(), eng.limits)
-        if eng.waiting >= eng.limits.max_waiting:  # refused before any image is fetched or decoded
-            raise RequestError(429, f"the server is busy ({eng.waiting} requests waiting); retry later", code="busy")
-        eng.ingest.resolve(req)  # fetch, size-check, decode and shrink the images, outside the engine
+        size = self._size()
+        if not self.server.bodies.take(size, self.limits.read_timeout):
+            raise RequestError(503, "too many large requests arriving at once; retry later", code="busy")
+        try:
+            req = parse_request(self._body(size), eng.limits)
+            eng.check_line()  # a full line refuses before any image is fetched or decoded
+            eng.ingest.resolve(req)  # fetch, size-check, decode and shrink the images, outside the engine
+        finally:
+            self.server.bodies.give(size)  # from here on the request holds only its images' arrays
         job = eng.submit(req, arrived)
         try:
             self._answer(job)
@@ -287,6 +316,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, handler, limits: Limits):
         self.limits = limits
+        self.bodies = Budget(2 * limits.max_body_bytes)
         self._open = 0
         self._count = threading.Lock()
         super().__init__(address, handler)
