@@ -541,7 +541,7 @@ def _p512(ctx: Ctx):
 
 @row(
     "(issue 26) a chat that grows past the model's context (a 512-position Pico)",
-    "chat (library, CLI)",
+    "chat (ChatSession, which the app and the CLI use)",
     "the oldest exchanges without an image are dropped (the image turn kept), so no turn runs past 512 positions; "
     "the answer equals a full forward over what is kept",
 )
@@ -1115,6 +1115,17 @@ def _(ctx: Ctx):
     assert "warning: binding 0.0.0.0" in err and "--api-key" in err
 
 
+ROWS.append(
+    Row(
+        "(issue 26) 16 clients at once: normal ones beside slow readers, a stalled reader, leavers, oversized images",
+        "server (loopback)",
+        "every normal request answered (p50/p95 printed), RSS bounded, no client left hanging "
+        "(tests/test_server_load.py)",
+        None,
+    )
+)
+
+
 # -- model directories and adapters ----------------------------------------------------------------------------------
 
 
@@ -1148,6 +1159,18 @@ def _(ctx: Ctx):
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     _one_line_error(ctx, main, ["--model", str(bad), "--prompt", "hi"], "names shard model-00001-of-00002.safetensors")
+
+
+ROWS.append(
+    Row(
+        "(issue 26) a model directory saved by transformers 5 (LlavaProcessor.save_pretrained: the image processor "
+        "nested in processor_config.json, no preprocessor_config.json)",
+        "convert to-mlx / to-hf / init / fuse / to-gguf, generate",
+        "read in either layout; every writer keeps the nested copy and writes preprocessor_config.json; the converted "
+        "model answers with transformers' greedy text (tests/test_convert.py, tests/test_gguf.py)",
+        None,
+    )
+)
 
 
 @row("an adapter trained on a different base", "convert fuse", "one line: the module and its two shapes")
