@@ -39,7 +39,11 @@ class Watchdog:
     def __init__(self):
         self._due: dict[int, tuple[float, socket.socket]] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
         threading.Thread(target=self._loop, name="read-deadlines", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def arm(self, sock: socket.socket, seconds: float) -> None:
         with self._lock:
@@ -50,8 +54,7 @@ class Watchdog:
             self._due.pop(id(sock), None)
 
     def _loop(self) -> None:
-        while True:
-            time.sleep(0.2)
+        while not self._stop.wait(0.2):
             now = time.monotonic()
             with self._lock:
                 late = [k for k, (t, _) in self._due.items() if t < now]
@@ -341,6 +344,7 @@ class Server(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.RequestHandlerClass.engine.close()
+        self.RequestHandlerClass.watchdog.stop()
 
     def process_request_thread(self, request, client_address) -> None:
         try:

@@ -37,7 +37,9 @@ def _header(data: bytes) -> Image.Image:
     """The image, opened but not decoded (its size comes from the header)."""
     try:
         return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # (PIL's own limit, far above the server's)
+        raise RequestError(413, "an image has more pixels than this server decodes") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise RequestError(400, f"image_url: image: not a readable image ({type(e).__name__})", "messages") from None
 
 
