@@ -447,5 +447,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _CallableModule(type(sys)):
+    """`from bonsai_mlx import generate` is the API function, but once this module is imported the package attribute
+    `generate` names the module; calling the module is then the same call (bonsai_mlx.api.generate)."""
+
+    def __call__(self, *args, **kwargs):
+        from bonsai_mlx.api import generate as generate_text
+
+        return generate_text(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
 if __name__ == "__main__":
     sys.exit(main())
