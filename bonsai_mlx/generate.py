@@ -368,6 +368,28 @@ def generate(
     yield from ChatSession(model, processor, system=system).ask(prompt, image, sampling)
 
 
+def stream_generate(
+    model: Pico,
+    processor: Processor,
+    prompt: str,
+    image=None,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    system: str | None = None,
+) -> Iterator[Chunk]:
+    """The public streaming call (`from bonsai_mlx import stream_generate`): `Chunk`s of text, the last one with
+    `stats`. `image`: a path, a PIL image or None; temperature 0 is greedy."""
+    yield from generate(model, processor, prompt, image, Sampling(max_tokens, temperature, top_p, seed), system)
+
+
+def generate_text(model: Pico, processor: Processor, prompt: str, image=None, **kw) -> str:
+    """The whole answer as one string (`from bonsai_mlx import generate`; keywords as `stream_generate`)."""
+    return "".join(c.text for c in stream_generate(model, processor, prompt, image, **kw))
+
+
 def _never(model: Pico, proc: Processor) -> mx.array:
     """-inf on <image>: it is input-only, never sampled."""
     return mx.zeros((model.config.text.vocab_size,)).at[proc.image_token_id].add(-mx.inf)
@@ -449,11 +471,9 @@ def main(argv: list[str] | None = None) -> int:
 
 class _CallableModule(type(sys)):
     """`from bonsai_mlx import generate` is the API function, but once this module is imported the package attribute
-    `generate` names the module; calling the module is then the same call (bonsai_mlx.api.generate)."""
+    `generate` names the module; calling the module is then the same call (generate_text)."""
 
     def __call__(self, *args, **kwargs):
-        from bonsai_mlx.api import generate as generate_text
-
         return generate_text(*args, **kwargs)
 
 
