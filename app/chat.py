@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.generate import ChatSession, Sampling
 
@@ -58,20 +59,27 @@ def _ensure_session(conv: Conversation, registry, model_name: str, settings: Set
 
 
 def _stream(conv: Conversation, chunks) -> Iterator[list[dict]]:
+    """Stream an answer into the chat. A conversation that cannot fit the model's context (the session has
+    already dropped what it may: its oldest exchanges without an image) ends in a note, and the session is as
+    it was before the turn."""
     answer = {"role": "assistant", "content": ""}  # (held here: Clear may replace conv.history meanwhile)
     conv.history.append(answer)
-    for chunk in chunks:
-        answer["content"] += chunk.text
-        if chunk.stats:
-            s = chunk.stats
-            conv.stats.append(
-                f"TTFT {s.ttft_s:.2f} s · {f'{s.decode_tps:.1f} tok/s' if s.generated_tokens > 1 else '- tok/s'} · "
-                f"{s.generated_tokens} tokens · "
-                f"peak {s.peak_memory_gb:.2f} GB"
-            )
-            # shown under the answer itself (the session keeps the plain answer text)
-            answer["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
-        yield conv.history
+    try:
+        for chunk in chunks:
+            answer["content"] += chunk.text
+            if chunk.stats:
+                s = chunk.stats
+                tps = f"{s.decode_tps:.1f} tok/s" if s.generated_tokens > 1 else "- tok/s"
+                line = f"TTFT {s.ttft_s:.2f} s · {tps} · {s.generated_tokens} tokens · peak {s.peak_memory_gb:.2f} GB"
+                if s.trimmed_messages:
+                    line += f" · {s.trimmed_messages} earlier messages left out to fit the context"
+                conv.stats.append(line)
+                # shown under the answer itself (the session keeps the plain answer text)
+                answer["content"] += f"\n\n<sub>{conv.stats[-1]}</sub>"
+            yield conv.history
+    except UserError as e:
+        conv.history[:] = [m for m in conv.history if m is not answer or m["content"]]
+        yield _note(conv, f"{str(e)[:1].upper()}{str(e)[1:]}.")
 
 
 def submit(

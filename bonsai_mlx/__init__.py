@@ -10,3 +10,17 @@ from bonsai_mlx._blas import install_hook
 install_hook()
 
 __version__ = "0.1.0"
+
+_API = ("load", "generate", "stream_generate", "ChatSession", "Sampling", "Chunk")
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    """`from bonsai_mlx import load, generate, ...`: the API (bonsai_mlx/api.py), imported at first use, so that
+    `import bonsai_mlx` stays free of MLX."""
+    if name in _API:
+        from bonsai_mlx import api  # (importing it binds the submodule bonsai_mlx.generate here: rebind all names)
+
+        globals().update({n: getattr(api, n) for n in _API})
+        return globals()[name]
+    raise AttributeError(f"module 'bonsai_mlx' has no attribute {name!r}")

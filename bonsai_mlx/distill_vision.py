@@ -41,6 +41,7 @@ from bonsai_mlx.core.config import PicoConfig, VisionConfig
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.core.runs import RunDir, check_resume, lr_factor, read_state
+from bonsai_mlx.model import select_features
 from bonsai_mlx.vision import ACTIVATIONS, VisionTower
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -232,9 +233,8 @@ class Student(nn.Module):
         if use_map:
             self.map = FeatureMap(vcfg.hidden_size, d_teacher, bias)
 
-    def features(self, pixels: mx.array, drop_first: bool) -> mx.array:
-        (h,) = self.tower.hidden_states(pixels, [-1])
-        h = h[:, 1:] if drop_first else h
+    def features(self, pixels: mx.array, strategy: str) -> mx.array:
+        h = select_features(self.tower.hidden_states(pixels, [-1]), strategy)
         return self.map(h) if "map" in self else h
 
 
@@ -370,7 +370,7 @@ class Run:
                 f"{self.teacher_dir}: is quantized; distil from the float checkpoint (python -m convert to-hf first)"
             )
         self.depth = feature_depth(self.pcfg)
-        self.drop_first = self.pcfg.vision_feature_select_strategy == "default"
+        self.strategy = self.pcfg.vision_feature_select_strategy
         self.scfg = student_vision_config(self.pcfg.vision, cfg, self.depth)
         self.proc = Processor(self.teacher_dir, self.pcfg)
         images = list_images(cfg.images, cfg.image_root)
@@ -409,8 +409,7 @@ class Run:
         return mx.array(np.stack([self._cache[p] if p in self._cache else got[p] for p in paths]))
 
     def teacher_features(self, px: mx.array) -> mx.array:
-        (h,) = self.model.vision_tower.hidden_states(px, [self.depth])
-        return mx.stop_gradient(h[:, 1:] if self.drop_first else h)
+        return self.model.vision_features(px, tower_grad=False)  # the teacher's projector input
 
     def batch_paths(self, step: int) -> list[Path]:
         """Batch `step` of a seeded reshuffle per epoch: the same order after a resume."""
@@ -439,7 +438,7 @@ class Run:
             self.init_notes = ["random"]
         if "map" in self.student:  # start from the best linear read-out of the initial student
             (h,) = self.student.tower.hidden_states(calib, [-1])
-            w, c = fit_map(_np(h[:, 1:] if self.drop_first else h), t, self.bias)
+            w, c = fit_map(_np(select_features([h], self.strategy)), t, self.bias)
             self.student.map.linear.weight = mx.array(w)
             if self.bias:
                 self.student.map.linear.bias = mx.array(c)
@@ -452,7 +451,7 @@ class Run:
         n = 0
         for i in range(0, len(self.eval_images), self.cfg.batch_size):
             px = self.pixels(self.eval_images[i : i + self.cfg.batch_size])
-            ls = feature_losses(self.student.features(px, self.drop_first), self.teacher_features(px), self.t_var)
+            ls = feature_losses(self.student.features(px, self.strategy), self.teacher_features(px), self.t_var)
             k = px.shape[0]
             tot = {key: tot[key] + k * float(ls[key].item()) for key in tot}
             n += k
@@ -469,7 +468,7 @@ class Run:
             return
 
         def loss_fn(student: Student, px: mx.array, target: mx.array) -> mx.array:
-            return objective(feature_losses(student.features(px, self.drop_first), target, self.t_var), cfg.loss)
+            return objective(feature_losses(student.features(px, self.strategy), target, self.t_var), cfg.loss)
 
         step_fn = nn.value_and_grad(self.student, loss_fn)
 

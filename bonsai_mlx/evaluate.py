@@ -1,7 +1,11 @@
 """python -m bonsai_mlx.evaluate: greedy answers over an eval set, metrics overall and per question type.
 
 Predictions are appended to a JSONL file as they are produced, so an interrupted run resumes where it
-stopped. Metrics: VQA-normalised accuracy (vqa), POPE-style yes/no (yesno), ROUGE-L (rouge), BLEU-4
+stopped; the file's first line names the model, the data and the settings (`bonsai_mlx.predictions`), and a file
+another run wrote is refused, never reused. A record whose image is missing or unreadable becomes a counted
+error row (left out of the scores, retried by the next run), not an abort.
+
+Metrics: VQA-normalised accuracy (vqa), POPE-style yes/no (yesno), ROUGE-L (rouge), BLEU-4
 (bleu), CIDEr-D (cider; checked against pycocoevalcap's scorer), METEOR (meteor; pycocoevalcap's reference
 Java jar, so it needs `java`), and per-token perplexity of the reference answers (ppl, or --perplexity:
 exp of the mean cross-entropy over the assistant tokens that training supervises, no generation needed).
@@ -52,15 +56,31 @@ def qa_of(rec: dict, rid: str | None = None) -> dict:
     }
 
 
-def predict(model, proc, qas: list[dict], image_root: str | None, max_tokens: int) -> list[str]:
-    """Greedy answers for a batch of question records (see `qa_of`)."""
+def predict(
+    model, proc, qas: list[dict], image_root: str | None, max_tokens: int, errors: dict[str, str] | None = None
+) -> list[str | None]:
+    """Greedy answers for a batch of question records (see `qa_of`). Each image is read once, here; with
+    `errors`, a record whose image cannot be read gets None and its message in `errors` (else ImageError)."""
+    from bonsai_mlx.core.images import ImageError, load_image
     from bonsai_mlx.generate import generate_batch
 
-    def image(qa: dict):
+    images: list = []
+    for qa in qas:
         img = qa["image"]
-        return str(Path(image_root) / img) if img and image_root else img
-
-    return [a.strip() for a in generate_batch(model, proc, [(qa["question"], image(qa)) for qa in qas], max_tokens)]
+        path = str(Path(image_root) / img) if img and image_root else img
+        try:
+            images.append(load_image(path) if path else None)
+        except ImageError as e:
+            if errors is None:
+                raise
+            errors[qa["id"]] = str(e)
+            images.append(e)
+    ok = [i for i, im in enumerate(images) if not isinstance(im, ImageError)]
+    answers = generate_batch(model, proc, [(qas[i]["question"], images[i]) for i in ok], max_tokens) if ok else []
+    out: list[str | None] = [None] * len(qas)
+    for i, a in zip(ok, answers, strict=True):
+        out[i] = a.strip()
+    return out
 
 
 def predict_records(
@@ -74,7 +94,13 @@ def predict_records(
 
 
 def score(rows: list[dict], metrics=DEFAULT_METRICS) -> dict:
+    """Metrics over the answered rows; error rows (no prediction: a bad image) are counted, not scored."""
+    failed = [r for r in rows if r.get("error") is not None]
+    rows = [r for r in rows if r.get("error") is None]
     out: dict = {"n": len(rows)}
+    if failed:
+        out["errors"] = len(failed)
+        out["error_ids"] = [r["id"] for r in failed[:20]]
     if not rows:
         return out
     if "vqa" in metrics:
@@ -174,6 +200,8 @@ def perplexity(
 
 def table(s: dict) -> str:
     lines = ["| metric | value |", "|---|---|", f"| samples | {s['n']} |"]
+    if s.get("errors"):
+        lines.append(f"| errors (bad image, not scored) | {s['errors']} |")
     for k in ("vqa", "rouge_l", "bleu4", "cider", "meteor", "ppl"):
         if k in s:
             lines.append(f"| {k} | {s[k]:.4f} |")
@@ -199,29 +227,38 @@ def evaluate(
     progress: bool = True,
     batch_size: int = 16,
     source: str = "data",
+    head: dict | None = None,
 ) -> dict:
-    """Answer every record (appending to `out`, resuming from it) and score; `ppl` alone generates nothing."""
+    """Answer every record (appending to `out`, resuming from it) and score; `ppl` alone generates nothing.
+
+    `head`: the predictions file's header (`predictions.header`); by default it names `proc.dir`'s weights,
+    the records and `max_tokens`. A file with another header is refused (UserError), never reused."""
     from tqdm import tqdm
+
+    from bonsai_mlx import predictions
 
     ppl = perplexity(model, proc, records, image_root, batch_size, source) if "ppl" in metrics else {}
     if not any(m in GENERATED for m in metrics):
         return {"n": len(records), **ppl}
     qas = [qa_of(r, rid) for r, rid in zip(records, record_ids(records, source), strict=True)]
-    done = {}
-    if out.is_file():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"]] = row
-    todo = [q for q in qas if q["id"] not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if head is None:
+        head = predictions.header(proc.dir, source, predictions.data_sha256(None, records), image_root, max_tokens)
+    done = predictions.read(out, head)
+    todo = [q for q in qas if q["id"] not in done or done[q["id"]].get("error") is not None]  # errors: retried
+    predictions.start(out, head)
     bar = tqdm(desc="evaluate", disable=not progress, initial=len(qas) - len(todo), total=len(qas), unit="sample")
-    with open(out, "a") as f, bar:
+    with open(out, "a+b") as f, bar:
+        f.seek(0, 2)
+        if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+            f.write(b"\n")  # a row cut short by a crash stays on its own line
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            for qa, pred in zip(chunk, predict(model, proc, chunk, image_root, max_tokens), strict=True):
+            errors: dict[str, str] = {}
+            for qa, pred in zip(chunk, predict(model, proc, chunk, image_root, max_tokens, errors), strict=True):
                 row = {**qa, "prediction": pred}
-                f.write(json.dumps(row) + "\n")
+                if qa["id"] in errors:
+                    row["error"] = errors[qa["id"]]
+                f.write((json.dumps(row) + "\n").encode())
                 done[qa["id"]] = row
             f.flush()
             bar.update(len(chunk))
@@ -233,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="LLaVA conversation JSON/JSONL or question/answer records")
     ap.add_argument("--image-root")
-    ap.add_argument("--out", default="preds.jsonl", help="predictions, appended as produced (resumes)")
+    ap.add_argument(
+        "--out",
+        default="preds.jsonl",
+        help="predictions, appended as produced; resumes only a file this model, data and settings wrote",
+    )
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16, help="questions answered together (same answers)")
     ap.add_argument(
@@ -249,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--limit", type=int, help="only the first N records")
     a = ap.parse_args(argv)
+    from bonsai_mlx import predictions
     from bonsai_mlx.core.errors import friendly
     from bonsai_mlx.core.io import atomic_write_text
     from bonsai_mlx.core.records import read_records
@@ -261,14 +303,32 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--metrics: unknown {unknown[0]!r} (choose from {', '.join(METRICS)})")
         if "meteor" in metrics:
             meteor_jar()  # before loading the model: no java -> say how to install it
+        all_recs = read_records(a.data)
+        recs = all_recs[: a.limit]
         model, proc = load(a.model)
-        recs = read_records(a.data)[: a.limit]
+        head = None
+        if any(m in GENERATED for m in metrics):  # the whole data set's hash: --limit N resumes into the full run
+            data_hash = predictions.data_sha256(a.data, all_recs)
+            head = predictions.header(proc.dir, a.data, data_hash, a.image_root, a.max_tokens)
+            predictions.read(Path(a.out), head)  # another run's file: refused before any work
         s = evaluate(
-            model, proc, recs, Path(a.out), a.image_root, a.max_tokens, metrics, batch_size=a.batch_size, source=a.data
+            model,
+            proc,
+            recs,
+            Path(a.out),
+            a.image_root,
+            a.max_tokens,
+            metrics,
+            batch_size=a.batch_size,
+            source=a.data,
+            head=head,
         )
         summary = Path(a.out).with_suffix(".summary.json")
-        atomic_write_text(summary, json.dumps(s, indent=2))
+        atomic_write_text(summary, json.dumps({**s, "run": head} if head else s, indent=2))
         print(table(s))
+        if s.get("errors"):
+            ids = ", ".join(s["error_ids"]) + (", ..." if s["errors"] > len(s["error_ids"]) else "")
+            print(f"{s['errors']} records had an unreadable image and were not scored: {ids} (see {a.out})")
         print(f"predictions: {a.out}; summary: {summary}")
     return 0
 

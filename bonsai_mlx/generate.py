@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -36,12 +37,15 @@ class Stats:
     decode_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str = ""
+    trimmed_messages: int = 0  # earlier messages dropped this turn to fit the model's context
 
     def line(self) -> str:
+        trimmed = f" | {self.trimmed_messages} earlier messages dropped to fit the context"
         return (
             f"prompt {self.prompt_tokens} tok (+{self.cached_tokens} cached) | TTFT {self.ttft_s:.2f} s | "
             f"prefill {self.prefill_tps:.1f} tok/s | decode {self.decode_tps:.1f} tok/s | "
             f"{self.generated_tokens} tok | peak {self.peak_memory_gb:.2f} GB | {self.finish_reason}"
+            + (trimmed if self.trimmed_messages else "")
         )
 
 
@@ -108,6 +112,20 @@ def user_message(text: str, image: bool = False) -> Message:
     return {"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}
 
 
+def _has_image(m: Message) -> bool:
+    return isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"])
+
+
+def _oldest_droppable(messages: list[Message]) -> tuple[int, int] | None:
+    """The oldest exchange (a user turn and the answers after it) that may go to make room: never one that
+    carries an image (the session's images stay aligned with its image slots), never the newest user turn."""
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    for a, b in zip(starts, starts[1:], strict=False):
+        if not _has_image(messages[a]):
+            return a, b
+    return None
+
+
 def _literal(m: Message) -> Message:
     """Chat text is never parsed for tags: string contents become one text part."""
     return m if isinstance(m["content"], list) else {**m, "content": [{"type": "text", "text": m["content"]}]}
@@ -119,7 +137,12 @@ class ChatSession:
 
     Text typed by the user is literal: `<image>` or `<|im_end|>` in it never become image slots or control tokens
     (only an image passed to `ask` makes an image slot). A turn that fails before its answer starts leaves the
-    session as it was; an answer cut short (stop, a closed stream) is kept as far as it got."""
+    session as it was; an answer cut short (stop, a closed stream) is kept as far as it got.
+
+    The conversation must fit the model's context (max_position_embeddings; positions past it were never trained).
+    `on_overflow="trim"` drops the oldest exchanges without an image until the prompt plus `max_tokens` fits, then
+    shortens `max_tokens` to the room left; `"refuse"` raises a UserError instead. A prompt that cannot fit at all
+    is refused in either mode, and the session stays as it was."""
 
     model: Pico | None
     processor: Processor | None
@@ -129,6 +152,7 @@ class ChatSession:
     cache: list | None = None
     cached_ids: list[int] = field(default_factory=list)  # the tokens whose K/V the cache holds
     stop_requested: bool = False
+    on_overflow: str = "trim"  # or "refuse": see the class docstring
     _text: str = ""  # the marked rendering (Processor.render_marked) that _ids encodes, up to the last answer
     _msgs: list = field(default_factory=list)  # the conversation that _text renders
     _ids: list[int] = field(default_factory=list)
@@ -262,9 +286,33 @@ class ChatSession:
         self._msgs = [*conv, _literal(self.messages[-1])]
         self._ids = ids + out
 
+    def _fit(self, sampling: Sampling) -> tuple[str, list[int], list[Message], Sampling, int]:
+        """Encode the conversation so that it fits the context (see the class docstring): (marked text, ids,
+        conversation, sampling with max_tokens within the room left, messages dropped)."""
+        context = self.model.config.text.max_position_embeddings
+        dropped = 0
+        while True:
+            prompt_text, ids, conv = self._encode()
+            if len(ids) + sampling.max_tokens <= context or self.on_overflow != "trim":
+                break
+            span = _oldest_droppable(self.messages)
+            if span is None:
+                break
+            del self.messages[span[0] : span[1]]
+            dropped += span[1] - span[0]
+        room = context - len(ids)
+        if room <= 0 or (self.on_overflow != "trim" and sampling.max_tokens > room):
+            raise UserError(
+                f"the conversation is {len(ids)} tokens and the answer may take {sampling.max_tokens} more, but this "
+                f"model's context is {context} tokens (max_position_embeddings): start a new chat or send less text"
+            )
+        if sampling.max_tokens > room:
+            sampling = dataclasses.replace(sampling, max_tokens=room)
+        return prompt_text, ids, conv, sampling, dropped
+
     def _respond(self, sampling: Sampling, before: tuple[list, list]) -> Iterator[Chunk]:
         try:
-            prompt_text, ids, conv = self._encode()
+            prompt_text, ids, conv, sampling, dropped = self._fit(sampling)
             mx.reset_peak_memory()
             t0 = time.perf_counter()
             next_token = _token_picker(self.model, self.processor, sampling)
@@ -274,7 +322,7 @@ class ChatSession:
         except BaseException:
             self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
             raise
-        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
+        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep, trimmed_messages=dropped)
         stats.ttft_s = time.perf_counter() - t0
         stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
         out: list[int] = []
@@ -318,6 +366,28 @@ def generate(
 ) -> Iterator[Chunk]:
     """Stream one answer; the last chunk carries the stats."""
     yield from ChatSession(model, processor, system=system).ask(prompt, image, sampling)
+
+
+def stream_generate(
+    model: Pico,
+    processor: Processor,
+    prompt: str,
+    image=None,
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    system: str | None = None,
+) -> Iterator[Chunk]:
+    """The public streaming call (`from bonsai_mlx import stream_generate`): `Chunk`s of text, the last one with
+    `stats`. `image`: a path, a PIL image or None; temperature 0 is greedy."""
+    yield from generate(model, processor, prompt, image, Sampling(max_tokens, temperature, top_p, seed), system)
+
+
+def generate_text(model: Pico, processor: Processor, prompt: str, image=None, **kw) -> str:
+    """The whole answer as one string (`from bonsai_mlx import generate`; keywords as `stream_generate`)."""
+    return "".join(c.text for c in stream_generate(model, processor, prompt, image, **kw))
 
 
 def _never(model: Pico, proc: Processor) -> mx.array:
@@ -398,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(chunk.stats.line(), file=sys.stderr)
     return 0
 
+
+class _CallableModule(type(sys)):
+    """`from bonsai_mlx import generate` is the API function, but once this module is imported the package attribute
+    `generate` names the module; calling the module is then the same call (generate_text)."""
+
+    def __call__(self, *args, **kwargs):
+        return generate_text(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.errors import UserError
-from bonsai_mlx.core.hf_files import write_engine_files
+from bonsai_mlx.core.hf_files import read_image_processor, write_engine_files
 from bonsai_mlx.core.hub import resolve
 from bonsai_mlx.model import Pico
 from bonsai_mlx.weights import load_weights, save_weights
@@ -160,8 +160,9 @@ def copy_processor_files(src: str | Path, dst: str | Path, config: PicoConfig | 
     import shutil
 
     src, dst = Path(src), Path(dst)
+    pre = read_image_processor(src)  # the source's, in either layout (not a stale file already in dst)
     if src.resolve() != dst.resolve():
         for name in PROCESSOR_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, dst / name)
-    write_engine_files(dst, config or PicoConfig.load(dst))
+    write_engine_files(dst, config or PicoConfig.load(dst), pre)

@@ -16,6 +16,13 @@ from bonsai_mlx.vision import VisionTower
 ACT = {"gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu, "silu": nn.silu}
 
 
+def select_features(hidden_states: list[mx.array], strategy: str) -> mx.array:
+    """Tower states -> projector input: "default" drops the first (CLS) token, as llava-hf does; "full" keeps all
+    (SigLIP has no CLS token); several layers are concatenated on the channel axis."""
+    hs = [h[:, 1:] for h in hidden_states] if strategy == "default" else hidden_states
+    return hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1)
+
+
 class Projector(nn.Module):
     def __init__(self, cfg: PicoConfig):
         super().__init__()
@@ -56,21 +63,20 @@ class Pico(nn.Module):
         fastmath.use_fast_silu(self.language_model)  # CPU backend: SiLU in arithmetic ops (exact, ~4x faster)
 
     # -- vision -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: mx.array, tower_grad: bool = True) -> mx.array:
-        """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden): the one place that selects the
-        tower's layers and tokens. `tower_grad=False`: no gradient flows into a frozen tower (the projector's
-        still does)."""
+    def vision_features(self, pixel_values: mx.array, tower_grad: bool = True) -> mx.array:
+        """(num_images, C, H, W) -> what the projector reads: the configured tower layers, tokens selected by the
+        strategy. `tower_grad=False`: no gradient flows into a frozen tower (the projector's still does)."""
         cfg = self.config
-        layers = (
-            [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else list(cfg.vision_feature_layer)
-        )
-        hs = self.vision_tower.hidden_states(pixel_values, layers)
+        fl = cfg.vision_feature_layer
+        hs = self.vision_tower.hidden_states(pixel_values, [fl] if isinstance(fl, int) else list(fl))
         if not tower_grad:
             hs = [mx.stop_gradient(h) for h in hs]
-        if cfg.vision_feature_select_strategy == "default":
-            hs = [h[:, 1:] for h in hs]
-        feats = hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=-1)
-        return self.multi_modal_projector(feats)
+        return select_features(hs, cfg.vision_feature_select_strategy)
+
+    def image_features(self, pixel_values: mx.array, tower_grad: bool = True) -> mx.array:
+        """(num_images, C, H, W) -> (num_images, num_image_tokens, text_hidden): the one image-features path of
+        inference, training and distillation."""
+        return self.multi_modal_projector(self.vision_features(pixel_values, tower_grad))
 
     # -- text ---------------------------------------------------------------------------------
     @property

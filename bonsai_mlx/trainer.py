@@ -111,17 +111,15 @@ class Trainer:
         self.run_info: dict = {}  # saved in each checkpoint's state.json (e.g. that this is the embedded default)
 
     def _build_step(self) -> None:
-        """(Re)build the compiled gradient and update functions over the current optimizer state."""
+        """(Re)build the compiled gradient function (forward + backward, the model and RNG state captured)."""
         self.optimizer.init(self.params_holder.trainable_parameters())  # its state must exist before tracing
         if not self.compiled:
             return
-        state = [self.params_holder.state, self.optimizer.state]
         # (value_and_grad puts its traced parameters into the model, so the model state is an output too)
         grad_state = [self.params_holder.state, mx.random.state]
         self._grad_c = mx.compile(
             nn.value_and_grad(self.params_holder, self._ce_loss), inputs=grad_state, outputs=grad_state
         )
-        self._update_c = mx.compile(self._apply, inputs=state, outputs=state)
 
     # -- loss -------------------------------------------------------------------------------------
     def _loss(self, batch: dict, step_frac: mx.array):
@@ -238,10 +236,7 @@ class Trainer:
         if n == 0:
             self.step += 1  # a step whose micro-batches were all skipped still consumes them (exact resume)
             return float("nan"), 0, aux
-        if self.compiled:
-            self._update_c(grads_sum, mx.array(float(n)))
-        else:
-            self._apply(grads_sum, mx.array(float(n)))
+        self._apply(grads_sum, mx.array(float(n)))  # (AdamW is a few elementwise ops: compiling it gained nothing)
         mx.eval(self.params_holder.parameters(), self.optimizer.state)
         self.step += 1
         k = max(used, 1)

@@ -17,3 +17,19 @@ def pico_dir(tmp_path_factory) -> Path:
     from helpers import make_hf_pico
 
     return make_hf_pico(tmp_path_factory.mktemp("pico"))
+
+
+@pytest.fixture(scope="session")
+def pico5_dir(tmp_path_factory) -> Path:
+    """The tiny Pico as transformers 5 saves model + LlavaProcessor: image processor nested, no preprocessor file."""
+    from helpers import make_hf5_pico
+
+    return make_hf5_pico(tmp_path_factory.mktemp("pico5"))
+
+
+@pytest.fixture(scope="session")
+def pico512_dir(tmp_path_factory) -> Path:
+    """The tiny Pico with a 512-position context, as the embedded default has."""
+    from helpers import make_hf_pico
+
+    return make_hf_pico(tmp_path_factory.mktemp("pico512"), max_positions=512)

@@ -35,6 +35,7 @@ def make_hf_pico(
     dtype: str = "float32",
     seed: int = 0,
     hidden: int = 64,
+    max_positions: int = 4096,
 ) -> Path:
     """A Pico-shaped LlavaForConditionalGeneration with random weights, saved by transformers."""
     import torch
@@ -62,7 +63,7 @@ def make_hf_pico(
         rope_theta=12345.0,
         tie_word_embeddings=tied,
         initializer_range=0.1,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
     )
     cfg = LlavaConfig(
         vision_config=v,
@@ -76,6 +77,34 @@ def make_hf_pico(
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(str(out))
+    return out
+
+
+def make_hf5_pico(out: Path, image_size: int = 32, patch_size: int = 8, **kw) -> Path:
+    """A Pico saved the way today's transformers saves one: `LlavaForConditionalGeneration.save_pretrained` and
+    `LlavaProcessor.save_pretrained`, which nests the image processor in processor_config.json and writes no
+    preprocessor_config.json (nothing in it is written by hand)."""
+    import tempfile
+
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_hf_pico(Path(tmp), image_size=image_size, patch_size=patch_size, **kw)
+        model = LlavaForConditionalGeneration.from_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+        ip = AutoImageProcessor.from_pretrained(tmp, backend="pil")
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=tok.chat_template,
+    )
+    model.save_pretrained(str(out))
+    proc.save_pretrained(str(out))
+    assert not (out / "preprocessor_config.json").exists()  # the layout under test
     return out
 
 

@@ -62,8 +62,9 @@ def test_4bit_stays_close_to_float(tmp_path):
     np.testing.assert_allclose(hf_logits(tmp_path / "deq", ids, np.array(pv)), q, atol=1e-4)
 
 
-def _sources(tmp_path, spare_rows: int, tied: bool):
-    """A SigLIP and a Qwen2 checkpoint (+ tokenizer without <image>) saved by transformers."""
+def _sources(tmp_path, spare_rows: int, tied: bool, nested: bool = False):
+    """A SigLIP and a Qwen2 checkpoint (+ tokenizer without <image>) saved by transformers. `nested`: the SigLIP's
+    processor saved by `SiglipProcessor.save_pretrained` (transformers 5: no preprocessor_config.json)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -75,6 +76,13 @@ def _sources(tmp_path, spare_rows: int, tied: bool):
     )
     SiglipVisionModel(vcfg).save_pretrained(str(sig))
     write_image_processor(sig, 32)
+    if nested:
+        from transformers import AutoImageProcessor, SiglipProcessor
+
+        ip = AutoImageProcessor.from_pretrained(str(sig), backend="pil")
+        (sig / "preprocessor_config.json").unlink()
+        SiglipProcessor(image_processor=ip, tokenizer=make_tokenizer(tmp_path / "sigtok")).save_pretrained(str(sig))
+        assert not (sig / "preprocessor_config.json").exists()
     qwen = tmp_path / "qwen"
     tok = make_tokenizer(qwen, image_token=False)
     torch.manual_seed(0)
@@ -104,6 +112,63 @@ def test_init_assembles_a_pico_transformers_and_mlx_agree_on(tmp_path):
     pv = proc.pixel_values([image()])
     ours = np.array(model(mx.array([ids]), mx.array(pv))[0])
     assert np.abs(ours - hf_logits(out, ids, pv)).max() <= 1e-4
+
+
+def test_init_reads_a_siglip_processor_saved_by_transformers_5(tmp_path):
+    """(issue 26) SiglipProcessor.save_pretrained nests the image processor in processor_config.json."""
+    sig, qwen, _ = _sources(tmp_path, spare_rows=8, tied=True, nested=True)
+    out = tmp_path / "pico"
+    assert convert(["init", "--vision", str(sig), "--text", str(qwen), str(out)]) == 0
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"height": 32, "width": 32}
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"] == pre
+    model, cfg = loading.load(out)
+    assert Processor(out, cfg).pixel_values([image()]).shape == (1, 3, 32, 32)
+
+
+def _transformers_greedy(model_dir, img, n: int) -> str:
+    """transformers' own greedy answer from a directory as it saved it (its AutoProcessor, its model), with
+    bonsai_mlx's stop ids and <image> never sampled."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from bonsai_mlx.core.config import PicoConfig
+
+    ours = Processor(model_dir, PicoConfig.load(model_dir))
+    proc = AutoProcessor.from_pretrained(str(model_dir))
+    msgs = [{"role": "user", "content": "<image>\nDescribe the image."}]
+    text = proc.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = proc(images=img, text=text, return_tensors="pt")
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    stop = sorted(ours.stop_ids)
+    out = model.generate(
+        **inputs, max_new_tokens=n, do_sample=False, eos_token_id=stop, suppress_tokens=[ours.image_token_id]
+    )
+    return proc.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_a_checkpoint_saved_by_transformers_5_converts_and_answers_like_transformers(pico5_dir, tmp_path):
+    """(issue 26) model + LlavaProcessor saved by this transformers (image processor nested, no
+    preprocessor_config.json): to-mlx keeps the image processor in both layouts, and the converted model gives
+    transformers' greedy text on the source."""
+    from bonsai_mlx.generate import Sampling, generate, load
+
+    assert not (pico5_dir / "preprocessor_config.json").exists()
+    out = tmp_path / "mlx"
+    assert convert(["to-mlx", str(pico5_dir), str(out), "--dtype", "float32"]) == 0
+    nested = json.loads((pico5_dir / "processor_config.json").read_text())["image_processor"]
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert json.loads((out / "processor_config.json").read_text())["image_processor"] == pre
+    assert {k: pre[k] for k in ("size", "image_mean", "image_std", "resample")} == {
+        k: nested[k] for k in ("size", "image_mean", "image_std", "resample")
+    }
+    model, proc = load(str(out))
+    for img in (image(1, (64, 32)), image(2, (32, 64))):
+        ours = "".join(c.text for c in generate(model, proc, "Describe the image.", img, Sampling(max_tokens=12)))
+        assert ours and ours == _transformers_greedy(pico5_dir, img, 12)
+    assert convert(["to-hf", str(out), str(tmp_path / "hf")]) == 0  # and back: still both layouts
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    assert "image_processor" in json.loads((tmp_path / "hf" / "processor_config.json").read_text())
 
 
 def test_init_grows_embedding_when_no_spare_rows(tmp_path):

@@ -45,7 +45,7 @@ def test_frontier_report(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "frontier.md").read_text()
     assert "| prune0.5+4bit |" in md and "quality_vs_decode.png" in md
-    assert len((out / "preds-4bit.jsonl").read_text().splitlines()) == 3
+    assert len((out / "preds-4bit.jsonl").read_text().splitlines()) == 1 + 3  # the header, then a row per record
 
 
 def test_unknown_variant_fails_before_any_work(pico_dir, tmp_path, capsys):

@@ -122,6 +122,17 @@ def test_lm_gguf_holds_the_qwen2_weights_and_tokenizer(files, pico_dir, kind, at
     assert quantized == {kind.upper()}
 
 
+def test_to_gguf_of_a_checkpoint_saved_by_transformers_5(pico5_dir, tmp_path):
+    """(issue 26) no preprocessor_config.json: the image mean and std come from processor_config.json."""
+    assert not (pico5_dir / "preprocessor_config.json").exists()
+    assert convert(["to-gguf", str(pico5_dir), str(tmp_path)]) == 0
+    f = _fields(gguf.GGUFReader(tmp_path / f"mmproj-{pico5_dir.name}-f16.gguf"))
+    pp = json.loads((pico5_dir / "processor_config.json").read_text())["image_processor"]
+    assert f["clip.vision.image_mean"] == pytest.approx(pp["image_mean"])
+    assert f["clip.vision.image_std"] == pytest.approx(pp["image_std"])
+    assert (tmp_path / f"{pico5_dir.name}-f16.gguf").is_file()
+
+
 def test_to_gguf_refuses_what_llama_cpp_cannot_run_with_one_line(pico_dir, tmp_path, capsys):
     from bonsai_mlx.core.config import PicoConfig
 

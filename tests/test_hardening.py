@@ -6,6 +6,7 @@ work and no stuck session. Rows tagged (#N) cover the numbered items of the issu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -271,6 +272,7 @@ def _(ctx: Ctx):
     "one row per record, each scored once; resume redoes nothing",
 )
 def _(ctx: Ctx):
+    from bonsai_mlx import predictions
     from bonsai_mlx.evaluate import evaluate
 
     recs = []
@@ -280,11 +282,79 @@ def _(ctx: Ctx):
         )
     out = ctx.tmp / "preds.jsonl"
     s = evaluate(*ctx.mp, recs, out, str(ctx.tmp), max_tokens=2, progress=False)
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = predictions.rows(out)  # (the header line left out)
     assert s["n"] == 3 and [r["id"] for r in rows] == ["#0", "#1", "#2"]
     assert [r["answers"] for r in rows] == [["yes"], ["no"], ["yes"]]
     evaluate(*ctx.mp, recs, out, str(ctx.tmp), max_tokens=2, progress=False)  # resume: all done already
-    assert len(out.read_text().splitlines()) == 3
+    assert len(predictions.rows(out)) == 3
+
+
+def _eval_args(ctx: Ctx, recs: list[dict], model: Path | None = None) -> list[str]:
+    data = ctx.tmp / "eval.json"
+    data.write_text(json.dumps(recs))
+    out = ["--model", str(model or ctx.pico_dir), "--data", str(data), "--image-root", str(ctx.tmp)]
+    return [*out, "--out", str(ctx.tmp / "preds.jsonl"), "--max-tokens", "2", "--metrics", "vqa"]
+
+
+def _eval_recs(ctx: Ctx, n: int = 3) -> list[dict]:
+    return [
+        {"id": f"q{i}", "image": _image_file(ctx, f"{i}.png", _png(image(i))), "question": "Red?", "answer": "yes"}
+        for i in range(n)
+    ]
+
+
+@row(
+    "(issue 26) evaluate --out holding another model's predictions, or a file with no header",
+    "evaluate",
+    "one line naming the file and what differs; nothing generated, the file untouched",
+)
+def _(ctx: Ctx):
+    from helpers import make_hf_pico
+
+    from bonsai_mlx.evaluate import main
+
+    recs = _eval_recs(ctx)
+    assert main(_eval_args(ctx, recs)) == 0
+    out = ctx.tmp / "preds.jsonl"
+    before = out.read_text()
+    assert json.loads(before.splitlines()[0])["model"]["weights_sha256"]  # the header names the model
+    other = make_hf_pico(ctx.tmp / "other", seed=1)
+    _one_line_error(ctx, main, _eval_args(ctx, recs, other), "holds predictions of another run (weights:")
+    _one_line_error(ctx, main, [*_eval_args(ctx, recs)[:-4], "--max-tokens", "5", "--metrics", "vqa"], "generation")
+    assert out.read_text() == before
+    recs[0]["answer"] = "no"  # the data changed
+    _one_line_error(ctx, main, _eval_args(ctx, recs), "(data:")
+    out.write_text(before.split("\n", 1)[1])  # rows without a header (an older version's file)
+    _one_line_error(ctx, main, _eval_args(ctx, recs), "preds.jsonl: has no header")
+
+
+@row(
+    "(issue 26) eval records whose image is missing or corrupt",
+    "evaluate",
+    "counted error rows, left out of the scores; the rest answered; a rerun retries them",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.evaluate import main
+
+    recs = _eval_recs(ctx, 4)
+    recs[1]["image"] = "gone.png"
+    recs[2]["image"] = _image_file(ctx, "junk.png", b"not a png")
+    ctx.capsys.readouterr()
+    assert main(_eval_args(ctx, recs)) == 0
+    from bonsai_mlx import predictions
+
+    assert "2 records had an unreadable image and were not scored: q1, q2" in ctx.capsys.readouterr().out
+    rows = {r["id"]: r for r in predictions.rows(ctx.tmp / "preds.jsonl")}
+    assert set(rows) == {"q0", "q1", "q2", "q3"}
+    assert "gone.png: no such file" in rows["q1"]["error"] and "not a readable image" in rows["q2"]["error"]
+    assert rows["q0"]["prediction"] is not None and "error" not in rows["q0"]
+    s = json.loads((ctx.tmp / "preds.summary.json").read_text())
+    assert s["n"] == 2 and s["errors"] == 2 and s["error_ids"] == ["q1", "q2"]
+    _image_file(ctx, "junk.png", _png(image(9)))  # fixed: the rerun answers it, and only the bad ones are redone
+    assert main(_eval_args(ctx, recs)) == 0
+    s = json.loads((ctx.tmp / "preds.summary.json").read_text())
+    assert s["n"] == 3 and s["errors"] == 1 and s["error_ids"] == ["q1"]
+    assert len(predictions.rows(ctx.tmp / "preds.jsonl")) == 4 + 2
 
 
 # -- chat ------------------------------------------------------------------------------------------------------------
@@ -402,16 +472,16 @@ def _(ctx: Ctx):
     ctx.monkeypatch.setattr(cls, "__call__", orig)
     offsets = {c.offset for c in s.cache}
     assert offsets == {len(s.cached_ids)}
-    chunks = list(s.ask("and the circle?", None, Sampling(max_tokens=6, ignore_stop=True)))
+    chunks = list(s.ask("and the circle? " * 3, None, Sampling(max_tokens=64, ignore_stop=True)))
     got = [t for c in chunks for t in c.tokens]
     assert got == _greedy_without_cache(ctx, s, len(got))
 
 
-def _greedy_without_cache(ctx: Ctx, s, n: int) -> list[int]:
+def _greedy_without_cache(ctx: Ctx, s, n: int, mp: tuple | None = None) -> list[int]:
     """The last answer recomputed from the session's token history with full forwards (no cache)."""
     import mlx.core as mx
 
-    model, proc = ctx.mp
+    model, proc = mp or ctx.mp
     ids = list(s._ids[:-n])
     pv = mx.array(proc.pixel_values(s.images))
     out = []
@@ -459,6 +529,90 @@ def _(ctx: Ctx):
             streamed += d.last_segment
         d.finalize()
         assert streamed + d.last_segment == proc.decode(toks)
+
+
+def _p512(ctx: Ctx):
+    from helpers import make_hf_pico
+
+    from bonsai_mlx.generate import load
+
+    return load(str(make_hf_pico(ctx.tmp / "p512", max_positions=512)))
+
+
+@row(
+    "(issue 26) a chat that grows past the model's context (a 512-position Pico)",
+    "chat (ChatSession, which the app and the CLI use)",
+    "the oldest exchanges without an image are dropped (the image turn kept), so no turn runs past 512 positions; "
+    "the answer equals a full forward over what is kept",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.generate import ChatSession, Sampling
+
+    model, proc = _p512(ctx)
+    s = ChatSession(model, proc)
+    _answer(s.ask("describe the image.", image(0), Sampling(max_tokens=8)))
+    all_stats = []
+    for i in range(14):
+        all_stats.append(_answer(s.ask(f"question {i}: " + "what colour is the square? " * 4, None, Sampling(24)))[1])
+        assert len(s._ids) <= 512 and max(c.offset for c in s.cache) <= 512
+    assert any(x.trimmed_messages and "dropped to fit the context" in x.line() for x in all_stats)
+    assert s.messages[0]["content"][0] == {"type": "image"} and len(s.images) == 1  # the image turn stayed
+    assert "question 0:" not in json.dumps(s.messages) and "question 13:" in json.dumps(s.messages)
+    chunks = list(s.ask("and the circle? " * 3, None, Sampling(max_tokens=64, ignore_stop=True)))
+    got = [t for c in chunks for t in c.tokens]
+    assert chunks[-1].stats.trimmed_messages > 0  # this turn trimmed: the cache was rebuilt from what is kept
+    assert got == _greedy_without_cache(ctx, s, len(got), (model, proc))
+
+
+@row(
+    "(issue 26) one message longer than the context; on_overflow='refuse'",
+    "chat (library, CLI generate --prompt)",
+    "refused: 'this model's context is 512 tokens'; the session as before; the CLI prints one line",
+)
+def _(ctx: Ctx):
+    from bonsai_mlx.core.errors import UserError
+    from bonsai_mlx.generate import ChatSession, Sampling
+    from bonsai_mlx.generate import main as generate
+
+    model, proc = _p512(ctx)
+    s = ChatSession(model, proc)
+    _answer(s.ask("what colour?", image(0), Sampling(max_tokens=4)))
+    before = _snapshot(s)
+    with pytest.raises(UserError, match="context is 512 tokens"):
+        _answer(s.ask("red " * 600, None, Sampling(max_tokens=4)))
+    assert _snapshot(s) == before
+    strict = ChatSession(model, proc, on_overflow="refuse")
+    with pytest.raises(UserError, match="context is 512 tokens"):
+        _answer(strict.ask("hi", image(0), Sampling(max_tokens=600)))
+    assert strict.messages == [] and strict.images == []
+    argv = ["--model", str(ctx.tmp / "p512"), "--prompt", "red " * 600, "--max-tokens", "4"]
+    _one_line_error(ctx, generate, argv, "context is 512 tokens")
+
+
+@row(
+    "(issue 26) a long chat, and a message longer than the context, in the app (512-position Pico)",
+    "app",
+    "old turns are left out (said under the answer); a message that cannot fit gets a friendly note",
+)
+def _(ctx: Ctx):
+    from app.chat import Conversation, Settings, submit
+    from app.registry import Registry
+
+    _p512(ctx)
+    reg = Registry({"p": ctx.tmp / "p512"})
+    c = Conversation()
+    img = ctx.tmp / "a.png"
+    image(0).save(img)
+    list(submit(c, reg, "p", "describe the image.", str(img), Settings(max_tokens=8)))
+    for i in range(14):
+        list(submit(c, reg, "p", f"question {i}: " + "how many circles are there? " * 4, None, Settings(max_tokens=24)))
+        assert len(c.session._ids) <= 512
+    assert any("left out to fit the context" in line for line in c.stats)
+    assert c.history[0]["content"] == {"path": str(img)}  # the screen keeps everything
+    last = list(submit(c, reg, "p", "red " * 600, None, Settings(max_tokens=4)))[-1][-1]["content"]
+    assert "context is 512 tokens" in last and last.startswith("⚠️")
+    list(submit(c, reg, "p", "and now?", None, Settings(max_tokens=2)))
+    assert c.session.messages[-1]["role"] == "assistant"
 
 
 @row("empty message; a message over the prompt limit", "app", "a friendly note in the chat; the tab keeps working")
@@ -701,6 +855,277 @@ def _(ctx: Ctx):
     assert json.loads((out / "checkpoints" / "final" / "state.json").read_text())["step"] == 6
 
 
+# -- the OpenAI-compatible server ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _serving(ctx: Ctx, **limits):
+    """The server in this process (its engine reachable for checks), on a free loopback port."""
+    from bonsai_mlx.server import Limits, make_server
+
+    srv = make_server(str(ctx.pico_dir), "127.0.0.1", 0, None, Limits(**limits))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", srv.RequestHandlerClass.engine
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _chat_body(n: int = 2, stream: bool = False, images: list[bytes] = (), text: str = "Describe the image.") -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": _data_uri(b)}} for b in images]
+    msgs = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    return {"model": "pico", "messages": msgs, "max_tokens": n, "temperature": 0, "stream": stream}
+
+
+def _data_uri(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _raw_post(url: str, body: dict | bytes, rcvbuf: int | None = None):
+    """A client on a bare socket: sends the request and returns the socket, unread."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((u.hostname, u.port))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+def _post(url: str, body: dict | bytes, timeout: float = 30.0):
+    import httpx
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/v1/chat/completions", content=data, timeout=timeout)
+
+
+def _timed(fn) -> tuple[object, float]:
+    t = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t
+
+
+@row(
+    "(issue 26) a streaming client that stops reading (its socket full); clients that leave mid-answer, streamed or "
+    "not",
+    "server",
+    "no lock is held across a socket write: others are answered meanwhile; the stalled one is dropped after "
+    "--write-timeout; a client that leaves cancels its generation",
+)
+def _(ctx: Ctx):
+    with _serving(ctx, write_timeout=1.0) as (url, _):
+        long = _chat_body(3000, stream=True)  # the tiny random Pico never stops early: ~10 s of tokens
+        stalled = _raw_post(url, long, rcvbuf=4096)  # and never reads
+        time.sleep(1.0)
+        r, dt = _timed(lambda: _post(url, _chat_body(2), timeout=20))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2 and dt < 12, dt
+        stalled.settimeout(10)
+        got = b""
+        while chunk := stalled.recv(1 << 16):  # what it was sent before it was dropped
+            got += chunk
+        assert b"data: [DONE]" not in got and got.count(b'"content"') < 3000  # cancelled, not run to the end
+        stalled.close()
+        for stream in (False, True):  # a client that goes away: its 3000 tokens are not generated
+            s = _raw_post(url, _chat_body(3000, stream=stream))
+            time.sleep(0.5)
+            s.close()
+            r, dt = _timed(lambda: _post(url, _chat_body(2), timeout=20))
+            assert r.status_code == 200 and dt < 6, (stream, dt)  # (the 3000 tokens take ~10 s)
+
+
+@row(
+    "(issue 26) more requests than the waiting line holds; more connections than allowed; a client that sends its "
+    "request a byte at a time",
+    "server",
+    "429 / 503 with OpenAI error JSON at once; the slow request's connection closed after --read-timeout; the "
+    "requests in line are answered",
+)
+def _(ctx: Ctx):
+    import socket
+
+    with _serving(ctx, max_waiting=1, max_connections=3, read_timeout=1.0) as (url, eng):
+        busy = _raw_post(url, _chat_body(3000, stream=True))  # being answered
+        time.sleep(0.5)
+        waiting: list = []
+        t = threading.Thread(target=lambda: waiting.append(_post(url, _chat_body(2), timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while eng.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = _post(url, _chat_body(2))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "busy", r.text
+        idle = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # the third connection
+        r = _post(url, _chat_body(2))  # a fourth
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        busy.close()
+        t.join(timeout=60)
+        assert waiting and waiting[0].status_code == 200
+        idle.settimeout(5)
+        idle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # ... and nothing more
+        t0 = time.monotonic()
+        assert idle.recv(100) == b"" and time.monotonic() - t0 < 4  # closed by the read deadline
+        assert _post(url, _chat_body(2)).status_code == 200
+
+
+@row(
+    "(issue 26) decode amplification: 64-megapixel single-colour PNGs (200 KB each) in one body; more images than "
+    "the cap",
+    "server",
+    "413 from the headers' sizes, before decoding; 400 over --max-images; the session keeps shrunk arrays, not "
+    "originals",
+)
+def _(ctx: Ctx):
+    big = _png(Image.new("1", (8000, 8000)))
+    assert len(big) < 300_000
+    small = _png(image(3, (640, 480)))
+    with _serving(ctx, max_images=3) as (url, eng):
+        r, dt = _timed(lambda: _post(url, _chat_body(2, images=[big] * 2)))
+        assert r.status_code == 413 and "pixels" in r.json()["error"]["message"] and dt < 5, (r.text, dt)
+        r = _post(url, _chat_body(2, images=[small] * 4))
+        assert r.status_code == 400 and "at most 3" in r.json()["error"]["message"]
+        r = _post(url, _chat_body(2, images=[small]))
+        assert r.status_code == 200
+        (session,) = eng.sessions.values()
+        (kept,) = session.images
+        assert isinstance(kept, np.ndarray) and kept.shape == (3, 32, 32)  # the model's input, not 640x480 RGB
+
+
+@row(
+    "(issue 26) image URLs: by default; to loopback, private, link-local hosts with --url-fetch public; a redirect",
+    "server",
+    "off by default (400 says so); refused without connecting, with one generic error text; redirects never followed",
+)
+def _(ctx: Ctx):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bonsai_mlx.serving.fetch import FAILED, is_public
+
+    hits: list[str] = []
+
+    class Files(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(302 if self.path == "/moved" else 200)
+            self.send_header("Location", "/a.png")
+            self.end_headers()
+            self.wfile.write(_png(image(0)))
+
+        def log_message(self, *a):
+            pass
+
+    files = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    port = files.server_address[1]
+
+    def with_url(u: str) -> dict:
+        body = _chat_body(2)
+        body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": u}})
+        return body
+
+    try:
+        with _serving(ctx) as (url, _):
+            r = _post(url, with_url(f"http://127.0.0.1:{port}/a.png"))
+            assert r.status_code == 400 and "disabled" in r.json()["error"]["message"]
+        with _serving(ctx, url_fetch="public", fetch_timeout=2) as (url, _):
+            for u in (f"http://127.0.0.1:{port}/a.png", f"http://localhost:{port}/a.png", "http://10.1.2.3/a.png"):
+                r = _post(url, with_url(u))
+                assert r.status_code == 400 and r.json()["error"]["message"] == FAILED, (u, r.text)
+            for u in ("http://169.254.169.254/latest/meta-data", "http://[::1]:9/x", "http://[::ffff:127.0.0.1]/x"):
+                assert _post(url, with_url(u)).json()["error"]["message"] == FAILED, u
+            assert hits == []  # nothing on this machine was contacted
+        with _serving(ctx, url_fetch="any", fetch_timeout=2) as (url, _):
+            assert _post(url, with_url(f"http://127.0.0.1:{port}/a.png")).status_code == 200
+            r = _post(url, with_url(f"http://127.0.0.1:{port}/moved"))
+            assert r.status_code == 400 and r.json()["error"]["message"] == FAILED
+            assert hits == ["/a.png", "/moved"]  # the redirect was not followed
+    finally:
+        files.shutdown()
+    ips = ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1"]
+    ips += ["fe80::1", "fc00::1", "::ffff:10.0.0.1", "224.0.0.1"]
+    assert not any(is_public(ip) for ip in ips) and is_public("8.8.8.8") and is_public("2606:4700::1111")
+
+
+@row(
+    "(issue 26) JSON nested 100,000 deep; an unknown HTTP method; an error inside the engine; a request past "
+    "--request-timeout",
+    "server",
+    "400 / 501 / 500 / 504 as OpenAI error JSON (streamed: an error event); the server goes on serving",
+)
+def _(ctx: Ctx):
+    import socket
+
+    from bonsai_mlx.serving.engine import Engine
+
+    with _serving(ctx, request_timeout=1.5) as (url, _):
+        r = _post(url, b"[" * 100_000 + b"]" * 100_000)
+        assert r.status_code == 400 and "nests too deeply" in r.json()["error"]["message"]
+        s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        s.sendall(b"BREW /coffee HTTP/1.1\r\n\r\n")
+        s.settimeout(10)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        reply = reply.decode()
+        assert reply.startswith("HTTP/1.0 501") and '"invalid_request_error"' in reply, reply
+        r = _post(url, _chat_body(3000))
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        r = _post(url, _chat_body(3000, stream=True))
+        events = [x for x in r.text.split("\n\n") if x.startswith("data: {")]
+        assert r.status_code == 200 and json.loads(events[-1][6:])["error"]["code"] == "timeout"
+        orig = Engine.check
+        ctx.monkeypatch.setattr(Engine, "check", lambda self, req: {}["a bug"])
+        r = _post(url, _chat_body(2))
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        ctx.monkeypatch.setattr(Engine, "check", orig)
+        assert _post(url, _chat_body(2)).status_code == 200
+
+
+@row(
+    "(issue 26) binding a non-loopback address without --api-key",
+    "server",
+    "a warning on stderr naming the address and the fix",
+)
+def _(ctx: Ctx):
+    import bonsai_mlx.server as server
+
+    assert server.exposure_warning("127.0.0.1", None) is None and server.exposure_warning("localhost", None) is None
+    assert server.exposure_warning("0.0.0.0", "key") is None
+
+    class Fake:
+        server_address = ("0.0.0.0", 1)
+
+        def serve_forever(self):
+            raise KeyboardInterrupt
+
+        def server_close(self):
+            pass
+
+    ctx.monkeypatch.setattr(server, "make_server", lambda *a, **k: Fake())
+    ctx.capsys.readouterr()
+    assert server.main(["--model", "m", "--host", "0.0.0.0"]) == 0
+    err = ctx.capsys.readouterr().err
+    assert "warning: binding 0.0.0.0" in err and "--api-key" in err
+
+
+ROWS.append(
+    Row(
+        "(issue 26) 16 clients at once: normal ones beside slow readers, a stalled reader, leavers, oversized images",
+        "server (loopback)",
+        "every normal request answered (p50/p95 printed), RSS bounded, no client left hanging "
+        "(tests/test_server_load.py)",
+        None,
+    )
+)
+
+
 # -- model directories and adapters ----------------------------------------------------------------------------------
 
 
@@ -734,6 +1159,18 @@ def _(ctx: Ctx):
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors"}}
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     _one_line_error(ctx, main, ["--model", str(bad), "--prompt", "hi"], "names shard model-00001-of-00002.safetensors")
+
+
+ROWS.append(
+    Row(
+        "(issue 26) a model directory saved by transformers 5 (LlavaProcessor.save_pretrained: the image processor "
+        "nested in processor_config.json, no preprocessor_config.json)",
+        "convert to-mlx / to-hf / init / fuse / to-gguf, generate",
+        "read in either layout; every writer keeps the nested copy and writes preprocessor_config.json; the converted "
+        "model answers with transformers' greedy text (tests/test_convert.py, tests/test_gguf.py)",
+        None,
+    )
+)
 
 
 @row("an adapter trained on a different base", "convert fuse", "one line: the module and its two shapes")

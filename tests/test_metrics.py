@@ -142,11 +142,11 @@ def test_evaluate_cli_writes_predictions_and_resumes(pico_dir, tmp_path, capsys)
         "3",
     ]
     assert main([*args, "--limit", "2"]) == 0
-    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 1 + 2  # the header, then a row per record
     first = (tmp_path / "p.jsonl").read_text()
     assert main(args) == 0
     text = (tmp_path / "p.jsonl").read_text()
-    assert text.startswith(first) and len(text.splitlines()) == 3  # resumed: only the missing one was added
+    assert text.startswith(first) and len(text.splitlines()) == 1 + 3  # resumed: only the missing one was added
     s = json.loads((tmp_path / "p.summary.json").read_text())
     assert s["n"] == 3 and set(s["vqa_by_type"]) == {"colour", "yesno"} and s["yesno"]["n"] == 2
     assert "| vqa |" in capsys.readouterr().out

@@ -38,6 +38,7 @@ def server(pico_dir):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "bonsai_mlx.server", "--model", str(pico_dir), "--port", "0", "--api-key", KEY]
     cmd += ["--max-body-mb", "1", "--max-image-mb", "0.05", "--fetch-timeout", "1"]
+    cmd += ["--url-fetch", "any"]  # the image host below is on loopback; `public` refuses it (test_server_hardening)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()
     assert "serving" in line, line

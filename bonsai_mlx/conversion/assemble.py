@@ -12,7 +12,8 @@ from bonsai_mlx import loading
 from bonsai_mlx.conversion.sources import cast, read_tensors
 from bonsai_mlx.core.config import PicoConfig, TextConfig, VisionConfig, pick_fields
 from bonsai_mlx.core.errors import InputNotFound, UserError
-from bonsai_mlx.core.hf_files import write_engine_files
+from bonsai_mlx.core.hf_files import read_image_processor, write_engine_files
+from bonsai_mlx.core.io import atomic_write_text
 from bonsai_mlx.core.processing import IMAGE
 from bonsai_mlx.weights import save_weights
 
@@ -123,10 +124,13 @@ def assemble(vision: str | Path, text: str | Path, out: str | Path, seed: int = 
     weights = cast({**vw, **tw, **proj}, dtype)
     save_weights(out, weights)
     config.save(out)
-    if (vdir / "preprocessor_config.json").is_file():
-        shutil.copyfile(vdir / "preprocessor_config.json", out / "preprocessor_config.json")
-    else:
-        raise InputNotFound(f"{vdir / 'preprocessor_config.json'}: not found (the SigLIP image processor)")
+    pre = read_image_processor(vdir)  # either layout: transformers 4.x's file or 5's nested copy
+    if pre is None:
+        raise InputNotFound(
+            f"{vdir / 'preprocessor_config.json'}: not found, nor an image_processor in processor_config.json "
+            "(the SigLIP image processor)"
+        )
+    atomic_write_text(out / "preprocessor_config.json", json.dumps(pre, indent=2) + "\n")
     if (tdir / "generation_config.json").is_file():
         shutil.copyfile(tdir / "generation_config.json", out / "generation_config.json")
     write_engine_files(out, config)

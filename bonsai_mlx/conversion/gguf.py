@@ -22,7 +22,7 @@ import numpy as np
 
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.errors import UserError
-from bonsai_mlx.core.hf_files import list_aware, read_template
+from bonsai_mlx.core.hf_files import list_aware, read_image_processor, read_template
 from bonsai_mlx.core.io import CheckpointError
 
 TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
@@ -162,10 +162,12 @@ def write_mmproj(d: Path, config: PicoConfig, w: dict, out: Path, f32: bool = Fa
         )
     if not isinstance(config.vision_feature_layer, int):
         raise CheckpointError(f"{d / 'config.json'}: a list vision_feature_layer is not exported to GGUF")
-    pp_path = d / "preprocessor_config.json"
-    if not pp_path.is_file():
-        raise CheckpointError(f"{pp_path}: not found (llama.cpp needs the image mean and std)")
-    pp = json.loads(pp_path.read_text())
+    pp = read_image_processor(d)
+    if pp is None:
+        raise CheckpointError(
+            f"{d}: no image processor (preprocessor_config.json, or processor_config.json's image_processor); "
+            "llama.cpp needs the image mean and std"
+        )
     writer = gguf.GGUFWriter(str(out), "clip")
     writer.add_name(d.name)
     writer.add_description("Pico vision tower (SigLIP) + projector")

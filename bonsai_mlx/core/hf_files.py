@@ -1,6 +1,11 @@
 """The files beside the weights that other engines read: processor_config.json, a chat template that
 takes both content forms, and a `crop_size` in the image processor's config.
 
+The image processor's settings come in two layouts: transformers 4.x wrote `preprocessor_config.json`;
+transformers 5 writes them nested in `processor_config.json` (`"image_processor": {...}`) and no
+preprocessor_config.json. Readers accept either (`read_image_processor`); writers keep the nested copy and
+write preprocessor_config.json beside it, which older tools (and llama.cpp's converters) read.
+
 transformers' `LlavaProcessor` needs `patch_size` (else the first image raises), vLLM builds on it, and
 transformers' processors, mlx-vlm and vLLM send message content as a list of typed parts
 (`{"type": "image"}`, `{"type": "text", "text": ...}`) where Qwen's template only accepts a string.
@@ -13,10 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bonsai_mlx.core.config import PicoConfig
+from bonsai_mlx.core.config import ConfigError, PicoConfig
 from bonsai_mlx.core.io import atomic_write_text
 
 TEMPLATE_FILE = "chat_template.jinja"
+PREPROCESSOR = "preprocessor_config.json"
+PROCESSOR = "processor_config.json"
 MARK = "{#- bonsai: list-of-parts content accepted -#}"
 
 # Prepended to a string-only template: list content becomes the string LLaVA prompts use, all images
@@ -70,6 +77,29 @@ def with_crop_size(preprocessor: dict) -> dict:
     return {**preprocessor, "crop_size": {"height": size["height"], "width": size["width"]}}
 
 
+def _json(p: Path) -> dict | None:
+    try:
+        v = json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: not readable JSON ({e})") from None
+    if not isinstance(v, dict):
+        raise ConfigError(f"{p}: expected a JSON object")
+    return v
+
+
+def read_image_processor(model_dir: str | Path) -> dict | None:
+    """The image processor's settings: preprocessor_config.json (transformers 4.x), else the `image_processor`
+    nested in processor_config.json (transformers 5); None when the directory has neither."""
+    d = Path(model_dir)
+    pre = _json(d / PREPROCESSOR)
+    if pre is not None:
+        return pre
+    nested = (_json(d / PROCESSOR) or {}).get("image_processor")
+    return nested if isinstance(nested, dict) else None
+
+
 def read_template(d: Path) -> str | None:
     if (d / TEMPLATE_FILE).is_file():
         return (d / TEMPLATE_FILE).read_text()
@@ -82,20 +112,23 @@ def read_template(d: Path) -> str | None:
     return None
 
 
-def write_engine_files(model_dir: str | Path, config: PicoConfig) -> None:
-    """Write processor_config.json, give the image processor its `crop_size`, and make every copy of the
-    chat template list-aware.
+def write_engine_files(model_dir: str | Path, config: PicoConfig, image_processor: dict | None = None) -> None:
+    """Write processor_config.json (the image processor nested, as transformers 5 writes it) and
+    preprocessor_config.json (the same settings, for older readers), give the image processor its `crop_size`,
+    and make every copy of the chat template list-aware.
 
     The template goes to chat_template.jinja (where both AutoTokenizer and AutoProcessor look); a copy
     left in tokenizer_config.json or chat_template.json is rewritten too, so no reader sees the old one.
+    `image_processor`: the settings to write (default: what the directory holds, in either layout).
     """
     d = Path(model_dir)
-    atomic_write_text(d / "processor_config.json", json.dumps(processor_config(config), indent=2) + "\n")
-    pp = d / "preprocessor_config.json"
-    if pp.is_file():
-        pre = json.loads(pp.read_text())
-        if (fixed := with_crop_size(pre)) is not pre:
-            atomic_write_text(pp, json.dumps(fixed, indent=2) + "\n")
+    pre = image_processor if image_processor is not None else read_image_processor(d)
+    proc = processor_config(config)
+    if pre is not None:
+        pre = with_crop_size(pre)
+        proc["image_processor"] = pre
+        atomic_write_text(d / PREPROCESSOR, json.dumps(pre, indent=2) + "\n")
+    atomic_write_text(d / PROCESSOR, json.dumps(proc, indent=2) + "\n")
     template = read_template(d)
     if template is None:
         return

@@ -141,7 +141,14 @@ class Processor:
 
     # -- images -------------------------------------------------------------------------------
     def pixel_values(self, images: list) -> np.ndarray:
-        """(N, 3, H, W) float32 from paths, bytes or PIL images."""
-        pil = [load_image(im) for im in images]
-        out = self.image_processor(pil, return_tensors="np")["pixel_values"]
-        return np.asarray(out, dtype=np.float32)
+        """(N, 3, H, W) float32 from paths, bytes or PIL images; a (3, H, W) array (this method's output for one
+        image, kept by a caller so the original need not be) is taken as it is."""
+        done = {i: im for i, im in enumerate(images) if isinstance(im, np.ndarray)}
+        if not done:
+            pil = [load_image(im) for im in images]
+            return np.asarray(self.image_processor(pil, return_tensors="np")["pixel_values"], dtype=np.float32)
+        todo = [i for i in range(len(images)) if i not in done]
+        if todo:
+            made = self.pixel_values([images[i] for i in todo])
+            done.update(zip(todo, made, strict=True))
+        return np.stack([np.asarray(done[i], dtype=np.float32) for i in range(len(images))])

@@ -18,9 +18,13 @@ from typing import Any
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.io import CheckpointError, atomic_write_text
 
-# Options a resumed run may change: where it logs and how often it saves or evaluates. Any other change would make
-# the continuation a different run than the one the checkpoint started, so it is refused, naming the option.
-RESUME_FREE = frozenset({"out", "log_every", "save_every", "eval_every", "eval_data", "on_bad_sample", "cache_gb"})
+# Options a resumed run may change: where it logs, how often it saves or evaluates, and how long it runs (a longer
+# run stretches the cosine from the step it resumes at to its new end). Any other change would make the
+# continuation a different run than the one the checkpoint started, so it is refused, naming the option.
+RESUME_FREE = frozenset(
+    {"out", "log_every", "save_every", "eval_every", "eval_data", "on_bad_sample", "cache_gb"}
+    | {"max_steps", "epochs", "steps"}
+)
 
 WARMUP_START = 0.01  # warmup climbs from 1% of the peak ...
 COSINE_FLOOR = 0.05  # ... and the cosine ends at 5% of it, not at 0 (the last steps still learn)

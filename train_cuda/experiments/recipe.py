@@ -43,11 +43,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bonsai_mlx.core.cli import add_options, from_args
 from bonsai_mlx.core.errors import BonsaiError, UserError
-from bonsai_mlx.core.runs import lr_factor
+from train_cuda.fit import fit
 
 IMAGE = "<image>"
 CAPTION = "caption"  # the record type of caption samples (synthetic.sample's)
@@ -295,11 +296,6 @@ def _texts(records: list[dict], tok) -> list[str]:
     return out
 
 
-def _schedule(step: int, steps: int) -> float:
-    """The trainers' one curve (core/runs.py), warming up over the first 5% of the steps."""
-    return lr_factor(step, max(1, steps // 20), steps)
-
-
 # ---- (a) the language model -------------------------------------------------------------------------------
 
 
@@ -356,22 +352,13 @@ def pretrain_lm(s: Setup, run: Path, out: Path, log: Path) -> dict:
         return math.exp(tot / max(cnt, 1))
 
     before = held_ppl()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lm_lr, weight_decay=0.01, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _schedule(k, s.lm_steps))
     rng = random.Random(s.seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(1, s.lm_steps + 1):
+
+    def lm_loss(step: int):
         ids, mask, labels = batch(rng.sample(train, min(s.lm_batch, len(train))))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 25 == 0 or step == s.lm_steps:
-            took = time.perf_counter() - t0
-            _log(f"lm step {step}/{s.lm_steps}: loss {loss.item():.4f} ({took:.0f} s)", log)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    fit(model, lm_loss, s.lm_steps, s.lm_lr, betas=(0.9, 0.95), log=lambda m: _log(m, log), name="lm step")
     after = held_ppl()
     _log(f"lm held-out text perplexity {before:.2f} -> {after:.2f}", log)
     model.eval().save_pretrained(str(out))
@@ -469,22 +456,14 @@ def pretrain_siglip(s: Setup, run: Path, out: Path, log: Path) -> dict:
         return sum(held_caps[j] == held_caps[i] for i, j in enumerate(best)) / max(len(best), 1)
 
     before = retrieval()
-    opt = torch.optim.AdamW(model.parameters(), lr=s.siglip_lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: _schedule(k, s.siglip_steps))
     g = torch.Generator().manual_seed(s.seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(1, s.siglip_steps + 1):
+
+    def siglip_loss(step: int):
         idx = torch.randperm(len(train), generator=g)[: s.siglip_batch]
-        loss = model(input_ids=tr_ids[idx], pixel_values=tr_px[idx], return_loss=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 25 == 0 or step == s.siglip_steps:
-            took = time.perf_counter() - t0
-            _log(f"siglip step {step}/{s.siglip_steps}: sigmoid loss {loss.item():.4f} ({took:.0f} s)", log)
+        return model(input_ids=tr_ids[idx], pixel_values=tr_px[idx], return_loss=True).loss
+
+    lg = lambda m: _log(m, log)  # noqa: E731
+    fit(model, siglip_loss, s.siglip_steps, s.siglip_lr, weight_decay=1e-4, log=lg, name="siglip sigmoid-loss step")
     after = retrieval()
     _log(f"siglip held-out image->caption top-1 {before:.1%} -> {after:.1%} (of {len(held)})", log)
     model.eval().save_pretrained(str(out))
@@ -756,15 +735,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in fields(Setup):
-        d = f.default
-        kind = {"int | None": int, "float": float, "int": int, "str": str}.get(str(f.type), type(d))
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=d)
+    add_options(ap, Setup)
     ap.add_argument("--quick", action="store_true", help="a smoke run in tens of seconds (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly
 
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__})
+    s = from_args(Setup, a)
     if a.quick:  # the smoke sizes, where no flag says otherwise
         for k, v in QUICK.items():
             if getattr(s, k) == getattr(Setup, k):

@@ -25,8 +25,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bonsai_mlx.core.cli import add_options, from_args, opt
 
 
 @dataclass
@@ -44,12 +46,16 @@ class Setup:
     student_lr: float = 1e-3
     batch_size: int = 32
     alpha: float = 0.5
-    layers: str = "-1,2"  # teacher hidden_states taken (the student gets the same relative depths)
-    aspect: str = "mixed"  # "mixed": images stretched to 2:1 and 1:2 in turn (the geometry real photos have)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
-    logits_topk: int = 32  # teacher logits stored per aligned unit (for the logit arms)
-    kl_weight: float = 1.0  # weight of the logit term in the logit arms
+    layers: str = opt("-1,2", "teacher hidden_states taken (the student gets the same relative depths)")
+    aspect: str = opt(
+        "mixed",
+        "mixed: images stretched to 2:1 and 1:2 in turn (the geometry real photos have)",
+        choices=("mixed", "square"),
+    )
+    seeds: list[int] = opt([0, 1, 2], cli=False)
+    arms: list[str] = opt(["ce", "feat", "feat+uld", "feat+shared"], cli=False)
+    logits_topk: int = opt(32, "teacher logits stored per aligned unit (logit arms)")
+    kl_weight: float = opt(1.0, "weight of the logit term (logit arms)")
 
 
 # arm -> (distils from the cache, --kl-mode of its logit term or None); "distill" is the old name of "feat"
@@ -268,28 +274,20 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = Setup()
-    for f in ("out", "n_train", "share", "n_eval", "teacher_steps", "student_steps", "alpha", "layers"):
-        v = getattr(d, f)
-        ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
-    ap.add_argument(
-        "--aspect", choices=("mixed", "square"), default=d.aspect, help="mixed: images stretched to 2:1 and 1:2 in turn"
-    )
+    add_options(ap, Setup)
     ap.add_argument("--seeds", default=None, help="comma list of student seeds (default 0,1,2; --quick: 0)")
     ap.add_argument(
         "--arms",
         default=None,
         help=f"comma list of student arms from {', '.join(ARMS)} (default: all; --quick: {','.join(QUICK_ARMS)})",
     )
-    ap.add_argument("--logits-topk", type=int, default=d.logits_topk, help="teacher logits per unit (logit arms)")
-    ap.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the logit term (logit arms)")
 
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
     a = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layers",)))
 
-    s = Setup(**{k: v for k, v in vars(a).items() if k in Setup.__dataclass_fields__ and k not in ("seeds", "arms")})
+    s = from_args(Setup, a)
     if a.quick:
         s.n_train, s.n_eval, s.teacher_steps, s.student_steps, s.seeds = 200, 20, 4, 4, [0]
         s.teacher_hidden, s.teacher_vision_hidden, s.teacher_layers, s.share = 32, 32, 2, 0.5
