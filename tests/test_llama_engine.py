@@ -201,11 +201,27 @@ def test_generate_llama_cpp_equals_mlx_greedy_on_the_trained_model(trained, tmp_
             args = ["--model", str(trained), "--image", str(path), "--prompt", q, "--max-tokens", "8"]
             assert generate([*args, "--engine", engine, *extra]) == 0
             r = capsys.readouterr()
-            assert f"engine: {engine} (asked for)" in r.err
-            assert "TTFT" in r.err.splitlines()[-1]
+            assert "TTFT" in r.err.splitlines()[-1] and "engine:" not in r.err  # asked for by name: not announced
             out[engine] = r.out
         assert out["llama.cpp"] == out["mlx"], (shape, q, out)
         assert out["mlx"].strip()
+
+
+def test_generate_auto_says_which_engine_and_why_in_one_line(trained, tmp_path, capsys, monkeypatch):
+    _need_llama()
+    from bonsai_mlx import engines
+    from bonsai_mlx.generate import main as generate
+
+    monkeypatch.setattr(engines, "mlx_gpu", lambda: None)  # a CPU-only machine, even where this runs on a GPU box
+    path = tmp_path / "a.png"
+    _held_out(1)[0]["image"].save(path)
+    args = ["--model", str(trained), "--image", str(path), "--prompt", "What colour?", "--max-tokens", "2"]
+    assert generate([*args, "--engine", "auto", "--gguf-type", "f32"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("engine: llama.cpp (auto: ") and "CPU" in err[0]
+    monkeypatch.setattr(engines, "mlx_gpu", lambda: "metal")
+    assert generate([*args, "--engine", "auto"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == "engine: mlx (auto: Apple silicon, MLX runs on Metal)"
 
 
 def test_pixels_of_a_letterboxed_llama_cpp_would_differ(trained):
@@ -221,3 +237,78 @@ def test_pixels_of_a_letterboxed_llama_cpp_would_differ(trained):
     pad.paste(im, (0, 24))
     letterboxed = np.asarray(pad.resize((48, 48), Image.BICUBIC))
     assert np.abs(ours.astype(int) - letterboxed.astype(int)).mean() > 10
+
+
+# -- the app and the server on llama.cpp ---------------------------------------------------------------------------
+def test_the_app_streams_and_follows_up_on_llama_cpp(tiny_dir, tmp_path):
+    _need_llama()
+    from app.chat import Conversation, Settings, submit
+    from app.registry import Registry
+    from bonsai_mlx.engines import EngineConfig
+
+    reg = Registry({"tiny": tiny_dir}, EngineConfig(engine="llama.cpp", gguf_type="f32"))
+    assert reg.engine_line().startswith("llama.cpp, f32 GGUF (asked for)")
+    img = tmp_path / "a.png"
+    image(8, (60, 30)).save(img)
+    conv = Conversation()
+    turn = submit(conv, reg, "tiny", "describe the image.", str(img), Settings(max_tokens=12))
+    seen = [h[-1]["content"] for h in turn if h[-1]["role"] == "assistant"]
+    partial = [t for t in seen if "TTFT" not in t]
+    grown = [b for a, b in zip(partial, partial[1:], strict=False) if b != a]
+    assert len(grown) >= 3 and all(b.startswith(a) for a, b in zip(partial, partial[1:], strict=False))  # streamed
+    assert "TTFT" in seen[-1] and conv.session.model is reg.model
+    assert type(conv.session).__name__ == "LlamaChatSession"
+    list(submit(conv, reg, "tiny", "and the circle?", None, Settings(max_tokens=4)))
+    assert conv.session.cached_ids and len(conv.session.images) == 1  # the image kept for the follow-up
+
+
+def _data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def llama_server(trained, tmp_path_factory):
+    _need_llama()
+    log = tmp_path_factory.mktemp("server") / "stderr.log"
+    cmd = [sys.executable, "-m", "bonsai_mlx.server", "--model", str(trained), "--port", "0"]
+    cmd += ["--engine", "llama.cpp", "--gguf-type", "f32"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    line = proc.stdout.readline()
+    assert "serving" in line, (line, log.read_text()[-2000:])
+    yield line.strip().rsplit(" ", 1)[-1], log
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_the_server_answers_an_openai_client_on_llama_cpp_as_mlx_does(llama_server, trained, tmp_path):
+    openai = pytest.importorskip("openai")
+    from bonsai_mlx.generate import load
+
+    url, log = llama_server
+    assert log.read_text().splitlines()[0] == "engine: llama.cpp (asked for)"
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    model, proc = load(str(trained))  # MLX, float32: the reference
+    for i, s in enumerate(_held_out(3)):
+        path = tmp_path / f"{i}.png"
+        s["image"].resize((96, 48), Image.BICUBIC).save(path)  # 2:1: the server must stretch as Pico does
+        q = s["turns"][0][0]
+        want = "".join(c.text for c in ChatSession(model, proc).ask(q, str(path), Sampling(max_tokens=8)))
+        msgs = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": _data_uri(path)}}, {"type": "text", "text": q}],
+            }
+        ]
+        r = client.chat.completions.create(model="pico", messages=msgs, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == want, (q, want)
+        streamed = client.chat.completions.create(model="pico", messages=msgs, max_tokens=8, temperature=0, stream=True)
+        pieces = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces) == want
+    # a follow-up continues the conversation's cache: the image is not encoded again
+    follow = [*msgs, {"role": "assistant", "content": want}, {"role": "user", "content": "How many shapes are there?"}]
+    r2 = client.chat.completions.create(model="pico", messages=follow, max_tokens=4, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens > model.config.num_image_tokens

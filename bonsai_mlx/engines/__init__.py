@@ -12,6 +12,7 @@ Importing this module is light (no MLX, no llama.cpp): the choice itself only pr
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ class EngineConfig:
     """The engine flags shared by `python -m bonsai_mlx.generate`, `python -m app` and `bonsai_mlx.server`."""
 
     engine: str = opt(
-        "auto",
+        os.environ.get("BONSAI_ENGINE") or "auto",
         "mlx | llama.cpp | auto (MLX on Apple silicon and CUDA; llama.cpp on other CPUs when llama-cpp-python "
-        "is installed)",
+        "is installed); $BONSAI_ENGINE sets the default",
         choices=ENGINES,
     )
     gguf_type: str | None = opt(
@@ -110,9 +111,13 @@ class Loaded:
 
 
 def load(model_dir: str | Path, cfg: EngineConfig | None = None, choice: Choice | None = None, log=None) -> Loaded:
-    """The model and processor on the chosen engine. `log` gets progress lines (the GGUF pair being made)."""
+    """The model and processor on the chosen engine. `log` gets the choice line first (when the choice is made here),
+    then progress lines (the GGUF pair being made)."""
     cfg = cfg or EngineConfig()
-    choice = choice or choose(cfg.engine)
+    if choice is None:  # decided here: say which and why (a caller that decided says it itself)
+        choice = choose(cfg.engine)
+        if log:
+            log(choice.line())
     if choice.engine == "llama.cpp":
         from bonsai_mlx.engines.llama_cpp import LlamaOptions
         from bonsai_mlx.engines.llama_cpp import load as load_llama
@@ -123,6 +128,10 @@ def load(model_dir: str | Path, cfg: EngineConfig | None = None, choice: Choice 
 
         model, proc = load_mlx(str(model_dir))
     return Loaded(model, proc, choice)
+
+
+def stderr_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def is_llama(model) -> bool:
