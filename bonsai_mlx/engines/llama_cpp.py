@@ -188,6 +188,9 @@ class LlamaModel:
         self._model = self._ctx = self._vision = None
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
+        # read the file into memory instead of mapping it: the CPU backend repacks q4_0/q8_0 weights into its own
+        # buffer, and a mapped file would stay resident beside that copy (265 MB twice for the full-size q4_0 LM)
+        mp.load_mode = getattr(llama_cpp, "LLAMA_LOAD_MODE_NONE", 0)
         if amx_build(llama_cpp):
             mp.use_extra_bufts = False  # see amx_build: no AMX (nor the CPU repack) rather than a crash
             if log:
@@ -199,6 +202,9 @@ class LlamaModel:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, N_BATCH, N_BATCH
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.no_perf = True
+        # only the last position's logits are ever read: a compute buffer sized for n_batch rows of logits would
+        # hold 512 x vocab floats (300 MB at the full-size vocabulary) for nothing
+        cp.n_outputs_max = 1
         self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
@@ -521,9 +527,28 @@ class LlamaChatSession(_session_base()):
         return prompt_text, ids, conv, sampling, 0
 
 
+def _release_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them): building the fast tokenizer of a 151k vocabulary
+    leaves ~160 MB of freed Python objects resident otherwise."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def load(model_dir: str | Path, options: LlamaOptions | None = None, log=None):
-    """(LlamaModel, Processor) ready for LlamaChatSession."""
+    """(LlamaModel, Processor) ready for LlamaChatSession. The processor comes first and its construction garbage
+    is returned to the OS before the weights are read, so peak memory is the steady state, not the sum."""
+    from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.hub import resolve
     from bonsai_mlx.core.processing import Processor
 
-    model = LlamaModel(model_dir, options, log=log)
-    return model, Processor(model.dir, model.config)
+    d = resolve(model_dir)
+    proc = Processor(d, PicoConfig.load(d))
+    _release_heap()
+    model = LlamaModel(d, options, log=log)
+    proc.config = model.config  # the same, with the context capped to what llama.cpp holds
+    return model, proc
