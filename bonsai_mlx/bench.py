@@ -275,9 +275,8 @@ def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
 def work_llama_engine(model_dir: str, tokens: int, arg: str) -> dict:
     """The project's llama.cpp engine (bonsai_mlx.engines.llama_cpp): what `generate --engine llama.cpp`, the app
     and the server run, the GGUF pair from the cache beside the model, the same session and stats as work_mlx."""
-    from bonsai_mlx.engines import new_session
     from bonsai_mlx.engines.llama_cpp import LlamaOptions, load
-    from bonsai_mlx.generate import Sampling
+    from bonsai_mlx.generate import Sampling, new_session
 
     kind, _, threads = arg.partition(":")  # "q4_0" or "q4_0:1" (threads)
     model, proc = load(model_dir, LlamaOptions(kind or None, threads=int(threads) if threads else None))

@@ -58,7 +58,7 @@ def tiny_mlx(tiny_dir):
 
 
 def _session(model, proc, **kw):
-    from bonsai_mlx.engines import new_session
+    from bonsai_mlx.generate import new_session
 
     return new_session(model, proc, **kw)
 
