@@ -82,8 +82,9 @@ def _ranks():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None, lambda: None
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     dev = str(state.device) if state.device.type == "cuda" else "cpu"
     return state.process_index, state.num_processes, dev, state.wait_for_everyone
 
