@@ -44,6 +44,23 @@ class OnlineTeacher:
         self.bad: dict[str, str] = {}  # samples the teacher could not align or load, and why (they get no targets)
         self._tokens = None
 
+    @classmethod
+    def wrap(cls, teacher: Teacher, layers: list[int], student_grid: int, logits_topk: int = 0) -> OnlineTeacher:
+        """A teacher already in memory, for callers that make their own plans (`targets_for_plans`): benchmarks."""
+        self = cls.__new__(cls)
+        self.teacher, self.student, self.layers, self.image_root = teacher, None, [int(x) for x in layers], None
+        self.s_grid, self.root, self.same_vocab, self.bad, self._tokens = (
+            student_grid,
+            "online teacher",
+            False,
+            {},
+            None,
+        )
+        self.manifest = {"layers": self.layers, "hidden_size": teacher.model.config.text_config.hidden_size}
+        if logits_topk:
+            self.manifest["logits"] = {"topk": logits_topk}
+        return self
+
     @property
     def logits_topk(self) -> int:
         return int((self.manifest.get("logits") or {}).get("topk") or 0)
@@ -75,11 +92,16 @@ class OnlineTeacher:
             out.append(p)
         return out
 
-    def targets_for_plans(self, plans: list[Plan]) -> dict[str, Entry]:
+    def pixels(self, plans: list[Plan]) -> dict:
+        """The plans' images as the teacher sees them (padded to square, its processor): what a data loader's
+        prefetch thread can prepare for `targets_for_plans` while the previous step runs."""
+        return load_pixels(self.teacher, plans, self.bad)
+
+    def targets_for_plans(self, plans: list[Plan], pixels: dict | None = None) -> dict[str, Entry]:
         """One no-grad teacher forward per kind of sample (with images / text only) -> targets as stored."""
         if not plans:
             return {}
-        pixels = load_pixels(self.teacher, plans, self.bad)
+        pixels = self.pixels(plans) if pixels is None else pixels
         out = teacher_targets(self.teacher, plans, self.layers, self.s_grid, self.bad, self.logits_topk, pixels)
         return {sid: as_stored(e) for sid, e in out.items()}
 
