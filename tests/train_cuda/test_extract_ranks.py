@@ -24,9 +24,11 @@ def _args(teacher, pico_dir, root, out) -> list[str]:
             "--batch-size", "2", "--pca", "4", "--logits-topk", "4"]  # fmt: skip
 
 
-def test_two_ranks_make_the_cache_one_process_makes(pico_dir, tmp_path):
+def test_two_ranks_make_the_cache_one_process_makes(pico_dir, tmp_path, monkeypatch):
+    import torch
     from helpers import write_describe_data
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU, as the gloo ranks below
     write_describe_data(tmp_path, n=5)
     recs = json.loads((tmp_path / "d.json").read_text())
     recs.append({"id": "t", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]})

@@ -37,7 +37,7 @@ def setup(tmp_path_factory, pico_dir):
     teacher = make_teacher(root / "teacher")
     args = ["--teacher", str(teacher), "--data", str(root / "d.json"), "--image-root", str(root / "img"),
             "--student-tokenizer", str(pico_dir), "--layers", "-1,1", "--out", str(root / "cache"),
-            "--per-shard", "2", "--batch-size", "2", "--logits-topk", "4"]  # fmt: skip
+            "--per-shard", "2", "--batch-size", "2", "--logits-topk", "4", "--dtype", "float32"]  # fmt: skip
     assert extract(args) == 0
     return root, teacher, recs
 
@@ -47,7 +47,9 @@ def _online(setup, pico_dir):
 
     root, teacher, _ = setup
     proc = Processor(pico_dir, PicoConfig.load(pico_dir))
-    return OnlineTeacher(str(teacher), proc, [-1, 1], image_root=str(root / "img"), logits_topk=4), proc
+    # float32 on a GPU too (as the cache above): bf16 results depend on the batch's shape, the function does not
+    online = OnlineTeacher(str(teacher), proc, [-1, 1], image_root=str(root / "img"), logits_topk=4, dtype="float32")
+    return online, proc
 
 
 def test_online_targets_equal_cached_targets(setup, pico_dir):
