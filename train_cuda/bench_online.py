@@ -31,30 +31,33 @@ def bench_teacher(cfg):
 
 
 def nf4_in_place(model) -> str:
-    """Quantise the teacher's LM linears to NF4 in place (bitsandbytes `Linear4bit`, bf16 compute; the vision
-    tower, projector and LM head stay as they are, as `precision.nf4_config` loads a real teacher). Returns the
-    teacher's precision: "nf4", or the dtype it keeps when bitsandbytes or CUDA is missing."""
+    """Quantise the teacher's LM linears to NF4 in place (bitsandbytes `Linear4bit`, computing in the model's
+    dtype; the vision tower, projector and LM head stay as they are, as `precision.nf4_config` loads a real
+    teacher). Returns the teacher's precision: "nf4", or its dtype and why not (no bitsandbytes, or it failed)."""
     import torch
 
+    param = next(model.parameters())
+    dtype = str(param.dtype).removeprefix("torch.")
     try:
         import bitsandbytes as bnb
     except ImportError:
-        return str(next(model.parameters()).dtype).removeprefix("torch.") + " (no bitsandbytes)"
-    if not torch.cuda.is_available():
-        return str(next(model.parameters()).dtype).removeprefix("torch.") + " (no CUDA)"
+        return f"{dtype} (no bitsandbytes)"
     lm = model.model.language_model
-    for mod in list(lm.modules()):
-        for child, lin in list(mod.named_children()):
-            if type(lin) is not torch.nn.Linear:
-                continue
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")  # fmt: skip
-            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
-            if lin.bias is not None:
-                q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
-            setattr(mod, child, q.to("cuda"))  # quantised on the way to the GPU
-            del lin
-    torch.cuda.empty_cache()
+    try:
+        for mod in list(lm.modules()):
+            for child, lin in list(mod.named_children()):
+                if type(lin) is not torch.nn.Linear:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=param.dtype, quant_type="nf4", device="meta")  # fmt: skip
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", module=q)
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                setattr(mod, child, q.to(param.device))  # quantised on the way to the device
+    except Exception as e:  # report it and measure the teacher as it is (some linears may be NF4 already)
+        return f"{dtype}, NF4 failed part way ({type(e).__name__}: {str(e)[:200]})"
+    if param.device.type == "cuda":
+        torch.cuda.empty_cache()
     return "nf4"
 
 

@@ -36,6 +36,7 @@ class OnlineTeacher:
         device: str | None = None,
     ):
         self.teacher = Teacher.load(teacher, dtype, load_4bit, device=device)
+        self.teacher.model.eval().requires_grad_(False)  # frozen: no optimizer state, no autograd graph
         self.student, self.layers, self.image_root = student, [int(x) for x in layers], image_root
         self.s_grid = student.config.vision.grid
         self.manifest = targets_manifest(self.teacher, student, self.layers, logits_topk)

@@ -77,7 +77,7 @@ class Teacher:
         return t
 
     def load_model(self) -> Teacher:
-        """The weights: frozen, eval, on this teacher's device (NF4 LM with `load_4bit` on CUDA; SDPA or
+        """The weights, in eval mode, on this teacher's device (NF4 LM with `load_4bit` on CUDA; SDPA or
         FlashAttention-2 there). Checks that the tower makes as many image tokens as the config promised."""
         from transformers import LlavaForConditionalGeneration
 
@@ -93,7 +93,6 @@ class Teacher:
             if self.load_4bit:  # the LM only: the vision tower and projector stay in the compute dtype
                 kw["quantization_config"] = nf4_config(self.dtype)
         model = LlavaForConditionalGeneration.from_pretrained(self.dir, **kw).eval()
-        model.requires_grad_(False)
         got = image_tokens(model)
         if got != (self.num_image_tokens, self.grid, self.patch_offset):
             raise UserError(f"{self.path}: the vision tower gives {got} image tokens/grid/offset, config said "

@@ -41,7 +41,7 @@ READS = (1, 2, 3)  # format 1: shard .json = the entries alone, no planned ids (
 TOKENS_FILE = "teacher_tokens.json"
 # Manifest entries that describe a run, not the cache's identity: they may change between an extraction and its
 # resume (shards planned with fewer ids are redone with more; none is ever deleted).
-RESUMABLE = ("max_samples", "data_path", "complete", "samples", "shards")
+RESUMABLE = ("max_samples", "data_path", "samples", "shards")
 # The files a cache consists of (what --overwrite removes, and nothing else).
 CACHE_FILES = ("manifest.json", "shard-*.safetensors", "shard-*.json", "pca.safetensors", TOKENS_FILE, ".*.tmp*")
 
