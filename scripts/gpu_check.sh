@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check for a lent H100/H200 (../shared/GPU.md): tests/train_cuda on CUDA, then train_cuda.bench, one
-# Markdown + JSON report under $OUT, in about 8 minutes. Wheels carried in .whl/ (e.g. bitsandbytes, repacked as
-# GPU.md says) are installed first. Dry run on a CPU: GPU_CHECK_SMOKE=1 scripts/gpu_check.sh (or --smoke).
+# Markdown + JSON report under $OUT, in about 8 minutes. Wheels carried in .whl/ are installed first: make the
+# bitsandbytes one (NF4 student and teacher) with scripts/carry_bitsandbytes.sh. Without it the NF4 parts fail
+# and are reported as failed. Dry run on a CPU: GPU_CHECK_SMOKE=1 scripts/gpu_check.sh (or --smoke).
 #   device run: command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 600
 set -uo pipefail
 cd "$(dirname "$0")/.."

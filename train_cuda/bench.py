@@ -284,20 +284,21 @@ def run(cfg: BenchConfig, parts=PARTS, deadline: float | None = None, log=None) 
                 if part in ("sft", "sft_checkpointing", "distill_checkpointing"):
                     res[part] = train_bench(cfg, d, part.startswith("distill"), part != "sft")
                 elif part == "extract":
-                    teacher = teacher or bo.bench_teacher(cfg)[0]
+                    teacher = teacher or bo.bench_teacher(*teacher_model(cfg))[0]
                     res[part] = extract_bench(cfg, root, teacher)
                 else:
-                    teacher = teacher or bo.bench_teacher(cfg)[0]
+                    teacher = teacher or bo.bench_teacher(*teacher_model(cfg))[0]
                     if plans is None:
                         res["teacher_precision"] = bo.nf4_in_place(teacher.model)
-                        plans = bo.batch_plans(cfg, teacher, pc, root)
+                        plans = bo.batch_plans(cfg, teacher, pc, root, answer_positions(cfg))
                         from train_cuda.targets import load_pixels
 
                         pixels = load_pixels(teacher, plans, {})
                     if part == "teacher_forward":
                         res[part] = bo.forward_bench(cfg, teacher, plans, pixels, layers)
                     else:
-                        res[part] = bo.online_bench(cfg, d, teacher, plans, pixels, layers, res["teacher_precision"])
+                        quant = res["teacher_precision"]
+                        res[part] = bo.online_bench(cfg, d, teacher, plans, pixels, layers, quant, train_bench)
             except Exception as e:  # a benchmark reports what failed and goes on with the other parts
                 res["errors"][part] = f"{type(e).__name__}: {e}"[:500] + "\n" + traceback.format_exc()[-1500:]
             res["seconds"][part] = round(time.time() - t0, 1)

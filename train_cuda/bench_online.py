@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 
 
-def bench_teacher(cfg):
-    """The bench's teacher as a `Teacher` (no tokenizer needed: plans are made from token ids directly)."""
+def bench_teacher(model, t: dict):
+    """The bench's teacher model (`bench.teacher_model`) as a `Teacher` (no tokenizer needed: plans are made from
+    token ids directly)."""
     import torch
     from transformers import CLIPImageProcessor
 
-    from train_cuda.bench import teacher_model
     from train_cuda.teacher import Teacher, image_tokens
 
-    model, t = teacher_model(cfg)
     n_img, grid, offset = image_tokens(model)
     ip = CLIPImageProcessor(size={"shortest_edge": t["image_size"]},
                             crop_size={"height": t["image_size"], "width": t["image_size"]})  # fmt: skip
@@ -61,18 +60,16 @@ def nf4_in_place(model) -> str:
     return "nf4"
 
 
-def batch_plans(cfg, teacher, pc, root: Path):
+def batch_plans(cfg, teacher, pc, root: Path, answer: list[int]):
     """The student batch's samples as the teacher sees them: BOS, its image tokens, the text (as many tokens as
-    the student's), the answer's units aligned to the student's answer positions; one 640x480 JPEG each."""
+    the student's), the answer's units aligned to the student's `answer` positions; one 640x480 JPEG each."""
     from PIL import Image
 
-    from train_cuda.bench import answer_positions
     from train_cuda.targets import Plan
 
     rng = np.random.default_rng(1)
     w, h = cfg.image_size
     (root / "online-img").mkdir(parents=True, exist_ok=True)
-    answer = answer_positions(cfg)
     n_text = cfg.seq - pc.num_image_tokens - 1
     plans = []
     for i in range(cfg.batch):
@@ -102,12 +99,12 @@ def forward_bench(cfg, teacher, plans, pixels, layers: list[int]) -> dict:
     return {"step_s": (time.perf_counter() - t0) / cfg.steps, "tokens": len(plans[0].t_ids)}
 
 
-def online_bench(cfg, model_dir: Path, teacher, plans, pixels, layers: list[int], quant: str) -> dict:
+def online_bench(cfg, model_dir: Path, teacher, plans, pixels, layers: list[int], quant: str, train_bench) -> dict:
     """The distillation step with the teacher online: each step `OnlineTeacher.targets_for_plans` (a no-grad
-    teacher forward, pooling, the targets as stored) refreshes the step's targets, then the student trains."""
+    teacher forward, pooling, the targets as stored) refreshes the step's targets, then the student trains
+    (`train_bench`: the bench's step loop, passed in)."""
     from bonsai_mlx.core.config import PicoConfig
     from bonsai_mlx.core.teacher_cache import MemoryCache
-    from train_cuda.bench import train_bench
     from train_cuda.online_teacher import OnlineTeacher
 
     pc = PicoConfig.load(model_dir)
