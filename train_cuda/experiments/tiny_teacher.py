@@ -123,15 +123,13 @@ def build(
 def encode(teacher, rec: dict, image_root: str | None) -> tuple[list[int], list[int], object]:
     """(ids, labels: -100 outside the answers and their end token, PIL image or None) in the teacher's format."""
     from bonsai_mlx.core.images import load_image
-    from bonsai_mlx.core.records import messages_of
-    from train_cuda.teacher import answer_spans
+    from bonsai_mlx.core.records import answer_spans, messages_of
 
     msgs = messages_of(rec)
     if rec.get("image") and not any("<image>" in m["content"] for m in msgs):
         msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
-    text = teacher.render(msgs)
-    ids, off = teacher.encode(text)
-    spans = answer_spans(text, [m["content"] for m in msgs if m["role"] == "assistant"])
+    ids, off = teacher.encode(teacher.render(msgs))
+    spans = [(a, b) for a, b, _ in answer_spans(teacher.render, msgs)]  # each answer after its own prompt
     eos = teacher.tokenizer.eos_token_id
     labels = [-100] * len(ids)
     for a, b in spans:
