@@ -18,7 +18,7 @@ from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.provenance import check_space, data_fingerprint, estimate_bytes, free_bytes, human
 from bonsai_mlx.core.records import BadSample, read_records, record_ids
-from bonsai_mlx.core.teacher_cache import CacheWriter, check_resume, full_manifest, vocab_fingerprint
+from bonsai_mlx.core.teacher_cache import TOKENS_FILE, CacheWriter, check_resume, full_manifest, vocab_fingerprint
 from bonsai_mlx.core.vocab_map import encode_tokens, fallback_ids, shared_vocab_of, token_bytes
 from train_cuda.targets import (  # noqa: F401  (re-exported: the names this module has always offered)
     Plan,
@@ -182,7 +182,8 @@ def run(a) -> int:
             say("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
     if a.logits_topk and rank == 0:
         vocab = teacher.config.text_config.vocab_size
-        writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab)), fallback_ids(teacher.tokenizer))
+        if todo or not (writer.root / TOKENS_FILE).is_file():  # a finished cache is left as it is
+            writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab)), fallback_ids(teacher.tokenizer))
         shared = shared_vocab_of(teacher.tokenizer, student.tokenizer)
         say(
             f"teacher logits: top-{manifest['logits']['topk']} per aligned unit; {len(shared):,} of the teacher's "
