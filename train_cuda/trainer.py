@@ -81,17 +81,6 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no")
     scfg = PicoConfig.load(cfg.model)
     proc = Processor(cfg.model, scfg)
-    targets = tuple(t for t in cfg.lora_targets.split(",") if t)
-    model, notes = load_student(
-        cfg.model,
-        cfg.lora_rank,
-        cfg.lora_alpha,
-        cfg.lora_dropout,
-        targets,
-        grad_checkpoint=cfg.checkpointing(cuda),
-        bf16=bf16,
-    )
-    acc.print("student: " + "; ".join(notes))
     records = read_records(cfg.data)
     ds = Dataset.build(records, proc, cfg.image_root, cfg.max_length)
     acc.print(f"train data: {ds.summary()}")
@@ -121,6 +110,19 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
             acc.print("distill: " + plan.describe())
         pairs = cache_layer_map(cfg.layer_map, cache, scfg.text.num_hidden_layers, scfg.vision.grid)
         acc.print("layer map (teacher:student): " + ",".join(f"{t}:{s}" for t, s in pairs))
+    targets = tuple(t for t in cfg.lora_targets.split(",") if t)
+    set_seed(cfg.seed)  # LoRA and aligner init do not depend on what loaded before (an online teacher)
+    model, notes = load_student(
+        cfg.model,
+        cfg.lora_rank,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        targets,
+        grad_checkpoint=cfg.checkpointing(cuda),
+        bf16=bf16,
+    )
+    acc.print("student: " + "; ".join(notes))
+    if distill:
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"])
     step_module = StudentStep(model, aligners, cfg if distill else None, proc.image_token_id, cache, plan)
     step_module.to(acc.device)
