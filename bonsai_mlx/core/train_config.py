@@ -63,7 +63,7 @@ class TrainConfig:
     max_length: int = opt(1024, "tokens per sample (longer ones are truncated, counted)")
     group_by_length: bool = opt(True, "batch similar lengths together (less padding)")
     grad_checkpoint: bool | None = opt(
-        None, "recompute layers in backward: less memory, 20-30%% more time (default: on with CUDA, off in MLX)"
+        None, "recompute layers in backward: less memory, 20-30% more time (default: on with CUDA, off in MLX)"
     )
     compile: bool = opt(True, "MLX: compile the training step (mx.compile); --no-compile runs it eagerly")
     weight_decay: float = opt(0.0, "AdamW weight decay")
