@@ -9,6 +9,7 @@ import numpy as np
 
 from bonsai_mlx.core.align import pad_to_square
 from bonsai_mlx.core.errors import UserError
+from bonsai_mlx.core.processing import pad_id_of
 
 IMAGE = "<image>"
 
@@ -157,7 +158,7 @@ class Teacher:
         import torch.nn.functional as F
 
         L = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id or 0
+        pad = pad_id_of(self.tokenizer)
         inp = torch.tensor([x + [pad] * (L - len(x)) for x in ids], device=self.device)
         kw = {}
         if pixels is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bonsai_mlx.core.processing import pad_id_of
+
 VICUNA = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
@@ -149,7 +151,7 @@ def _batches(teacher, samples: list, batch_size: int):
     import torch
 
     dev = teacher.device
-    pad = teacher.tokenizer.pad_token_id or 0
+    pad = pad_id_of(teacher.tokenizer)
     L = max(len(s[0]) for s in samples)
     ids = torch.tensor([s[0] + [pad] * (L - len(s[0])) for s in samples], device=dev)
     labels = torch.tensor([s[1] + [-100] * (L - len(s[1])) for s in samples], device=dev)
