@@ -14,21 +14,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="create a public Gradio share link (off by default)")
+    from bonsai_mlx.core.cli import add_options, from_args
+    from bonsai_mlx.engines import EngineConfig
+
+    add_options(ap.add_argument_group("engine"), EngineConfig)
     args = ap.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound calls
 
     from app.registry import Registry, discover
     from app.ui import build
+    from bonsai_mlx.core.errors import friendly
 
     models = discover(args.model, args.models_dir)
     if args.model and not models:
         print(f"app: {args.model}: not a model directory (no llava config.json)", file=sys.stderr)
         return 2
-    registry = Registry(models)
-    if models:
-        first = next(iter(models))
-        print(f"loading {first} ...")
-        registry.get(first)
+    with friendly("app"):
+        registry = Registry(models, from_args(EngineConfig, args))
+        print(registry.choice.line(), file=sys.stderr, flush=True)  # which engine, and why
+        if models:
+            first = next(iter(models))
+            print(f"loading {first} ...")
+            registry.get(first)
     demo = build(registry)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, max_file_size="50mb")
     return 0

@@ -50,7 +50,7 @@ def _ensure_session(conv: Conversation, registry, model_name: str, settings: Set
     """The tab's session on `model_name` (the caller holds registry.lock). A session detached by a model switch in
     another tab keeps its conversation and gets its model back here."""
     if conv.session is None or conv.model_name != model_name:
-        conv.session = ChatSession(None, None)
+        conv.session = registry.session_class()(None, None)  # ChatSession on the registry's engine
         conv.model_name = model_name
     if conv.session.model is None or registry.name != model_name:
         registry.attach(conv.session, model_name)

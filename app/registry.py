@@ -40,12 +40,18 @@ def discover(model: str | None = None, models_dir: str | None = None) -> dict[st
 class Registry:
     """Loads a model once and shares it; switching models frees the previous one first.
 
-    One lock guards all MLX work (loading, switching, generating), so a switch in one tab waits for a generation
-    in another instead of running MLX from two threads. A switch detaches every chat session from the old model
-    (their conversations stay, and re-attach on their next turn), so nothing keeps the old weights alive."""
+    One lock guards all model work (loading, switching, generating), so a switch in one tab waits for a generation
+    in another instead of running MLX (or llama.cpp) from two threads. A switch detaches every chat session from the
+    old model (their conversations stay, and re-attach on their next turn), so nothing keeps the old weights alive.
 
-    def __init__(self, models: dict[str, Path]):
+    Every model runs on one engine (`engine`: bonsai_mlx.engines.EngineConfig; `auto` is decided once, here)."""
+
+    def __init__(self, models: dict[str, Path], engine=None):
+        from bonsai_mlx.engines import EngineConfig, choose
+
         self.models = models
+        self.engine = engine or EngineConfig(engine="mlx")
+        self.choice = choose(self.engine.engine)
         self.name: str | None = None
         self.model = self.processor = None
         self.lock = threading.Lock()  # a plain Lock: a streamed answer may be resumed and closed on other threads
@@ -54,6 +60,25 @@ class Registry:
     @property
     def generate_lock(self) -> threading.Lock:
         return self.lock
+
+    def engine_line(self) -> str:
+        """Which engine runs the models and why (for llama.cpp: the GGUF type too), in one line."""
+        c = self.choice
+        if c.engine == "llama.cpp":
+            from bonsai_mlx.engines.llama_cpp import default_gguf_type
+
+            return f"llama.cpp, {self.engine.gguf_type or default_gguf_type()} GGUF ({c.reason})"
+        return f"MLX ({c.reason})"
+
+    def session_class(self):
+        """The chat-session class of this registry's engine (sessions are made before a model is attached)."""
+        if self.choice.engine == "llama.cpp":
+            from bonsai_mlx.engines.llama_cpp import LlamaChatSession
+
+            return LlamaChatSession
+        from bonsai_mlx.generate import ChatSession
+
+        return ChatSession
 
     def get(self, name: str):
         """(model, processor) of `name`, loading it (and freeing the previous one) if needed."""
@@ -65,16 +90,22 @@ class Registry:
         if name not in self.models:
             raise UserError(f"unknown model {name!r}")
         if self.name != name:
-            import mlx.core as mx
-
-            from bonsai_mlx.generate import load
+            from bonsai_mlx.engines import load, stderr_log
 
             for s in list(self._sessions.values()):
                 s.detach()
-            self.model = self.processor = self.name = None
+            old, self.model, self.processor, self.name = self.model, None, None, None
+            close = getattr(old, "close", None)  # llama.cpp frees its context and weights now
+            if close is not None:
+                close()
+            del old
             gc.collect()
-            mx.clear_cache()
-            self.model, self.processor = load(str(self.models[name]))
+            if self.choice.engine == "mlx":
+                import mlx.core as mx
+
+                mx.clear_cache()
+            loaded = load(str(self.models[name]), self.engine, choice=self.choice, log=stderr_log)
+            self.model, self.processor = loaded.model, loaded.processor
             self.name = name
         return self.model, self.processor
 

@@ -46,6 +46,7 @@ def build(registry: Registry) -> gr.Blocks:
                     clear_btn = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=1):
                 model_dd = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
+                gr.Markdown(f"<sub>Engine: {registry.engine_line()}</sub>", elem_id="engine")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id="max-tokens")

@@ -300,9 +300,32 @@ def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
     }
 
 
+def work_llama_engine(model_dir: str, tokens: int, kind: str) -> dict:
+    """The project's llama.cpp engine (bonsai_mlx.engines.llama_cpp): what `generate --engine llama.cpp`, the app
+    and the server run, the GGUF pair from the cache beside the model, the same session and stats as work_mlx."""
+    from bonsai_mlx.engines import new_session
+    from bonsai_mlx.engines.llama_cpp import LlamaOptions, load
+    from bonsai_mlx.generate import Sampling
+
+    model, proc = load(model_dir, LlamaOptions(kind or None))
+    img = bench_image()
+    list(new_session(model, proc).ask("Hi", img, Sampling(max_tokens=2, ignore_stop=True)))  # warm-up
+    chunks = new_session(model, proc).ask(PROMPT, img, Sampling(max_tokens=tokens, ignore_stop=True))
+    stats = [c.stats for c in chunks][-1]
+    return {
+        "ttft_s": stats.ttft_s,
+        "decode_tps": stats.decode_tps,
+        "prompt_tokens": stats.prompt_tokens,
+        "peak_gb": peak_rss_gb(),
+        "lm_bytes": model.files.lm.stat().st_size,
+        "device": f"cpu, {model.threads} threads",
+        "torch_loaded": "torch" in sys.modules,  # transformers imports it when installed (~0.25 GB of the RSS)
+    }
+
+
 def work_llama_cpp(lm_gguf: str, tokens: int, mmproj: str) -> dict:
-    """llama.cpp through llama-cpp-python's multimodal chat handler. Runs under another interpreter (the one
-    that has llama-cpp-python) as `python bonsai_mlx/bench.py --worker llama.cpp`: stdlib, numpy, PIL only."""
+    """llama-cpp-python's own multimodal chat handler on the GGUF pair, as a reference for the engine's overhead
+    (no project code: it renders the prompt with its own template code and pads images instead of stretching)."""
     import base64
     import io
 
@@ -345,46 +368,39 @@ def work_llama_cpp(lm_gguf: str, tokens: int, mmproj: str) -> dict:
     }
 
 
-def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str) -> list[tuple[str, dict]]:
-    """`convert to-gguf` of the benchmarked Pico, then llama.cpp on each GGUF type, each in its own process."""
-    from bonsai_mlx.conversion.gguf import to_gguf
+def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str, raw: bool = False) -> list[tuple[str, dict]]:
+    """llama.cpp on each GGUF type, each in its own process: the project's engine (the GGUF pair made on first
+    use into the cache beside the model), and with `raw` llama-cpp-python's own chat handler on the same files."""
+    from bonsai_mlx.engines import gguf_cache
 
     rows = []
     for kind in types:
-        out = base.with_name(f"{base.name}-gguf")
-        lm = out / f"{base.name}-{kind}.gguf"
-        mmproj = out / f"mmproj-{base.name}-{'f32' if kind == 'f32' else 'f16'}.gguf"
-        if not lm.is_file() or not mmproj.is_file():
-            print(f"convert to-gguf --type {kind} ...", file=sys.stderr)
-            to_gguf(base, out, kind)
         print(f"llama.cpp {kind} ...", file=sys.stderr)
-        cmd = [python, __file__, "--worker", "llama.cpp", "--model", str(lm), "--tokens", str(tokens)]
-        r = subprocess.run([*cmd, "--worker-arg", str(mmproj)], capture_output=True, text=True)
-        if r.returncode != 0:
-            rows.append((f"llama.cpp {kind}", {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}))
-        else:
-            rows.append((f"llama.cpp {kind}", json.loads(r.stdout.strip().splitlines()[-1])))
+        rows.append((f"llama.cpp {kind}", spawn("llama.cpp", base, tokens, kind, python=python)))
+        if raw:
+            files = gguf_cache.ensure(base, kind, log=lambda m: print(m, file=sys.stderr))
+            args = ["--worker", "llama.cpp-raw", "--model", str(files.lm), "--tokens", str(tokens)]
+            rows.append(
+                (
+                    f"llama-cpp-python handler {kind}",
+                    _run([python, "-m", "bonsai_mlx.bench", *args, "--worker-arg", str(files.mmproj)]),
+                )
+            )
     return rows
 
 
-def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "") -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "bonsai_mlx.bench",
-        "--worker",
-        kind,
-        "--model",
-        str(model_dir),
-        "--tokens",
-        str(tokens),
-        "--worker-arg",
-        extra,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def _run(cmd: list[str]) -> dict:
+    root = Path(__file__).resolve().parents[1]  # the checkout: a --llama-python elsewhere imports this project
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def spawn(kind: str, model_dir: Path, tokens: int, extra: str = "", python: str | None = None) -> dict:
+    cmd = [python or sys.executable, "-m", "bonsai_mlx.bench", "--worker", kind, "--model", str(model_dir)]
+    return _run([*cmd, "--tokens", str(tokens), "--worker-arg", extra])
 
 
 def table(rows: list[tuple[str, dict]], bandwidth_gbs: float) -> str:
@@ -439,16 +455,18 @@ def main(argv: list[str] | None = None) -> int:
         "--compare",
         action="append",
         default=[],
-        choices=["transformers", "mlx-vlm", "llama.cpp"],
-        help="also run this engine on the same float weights, in the same run",
+        choices=["transformers", "mlx-vlm", "llama.cpp", "llama.cpp-raw"],
+        help="also run this engine on the same float weights, in the same run (llama.cpp: the project's engine; "
+        "llama.cpp-raw: that and llama-cpp-python's own chat handler on the same GGUF files)",
     )
     ap.add_argument(
-        "--llama-types", default="f16,q8_0,q4_k_m", help="with --compare llama.cpp: GGUF types (convert to-gguf)"
+        "--llama-types", default="q4_0,q8_0,f16", help="with --compare llama.cpp: GGUF types (made on first use)"
     )
     ap.add_argument(
         "--llama-python",
         default=sys.executable,
-        help="with --compare llama.cpp: a python that has llama-cpp-python (it may live in another venv)",
+        help="with --compare llama.cpp: the python that runs the llama.cpp rows (one with llama-cpp-python and this "
+        "project's requirements, e.g. a venv without torch)",
     )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
     ap.add_argument(
@@ -461,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
-    if a.worker == "llama.cpp":  # no project import: this interpreter may have only llama-cpp-python
+    if a.worker == "llama.cpp-raw":
         print(json.dumps(work_llama_cpp(a.model, a.tokens, a.worker_arg)))
         return 0
     if a.worker:
@@ -472,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": lambda: work_transformers(a.model, a.tokens, a.worker_arg or "float32"),
             "mlx-vlm": lambda: work_mlx_vlm(a.model, a.tokens),
             "profile": lambda: work_profile(a.model, a.tokens),
+            "llama.cpp": lambda: work_llama_engine(a.model, a.tokens, a.worker_arg),
         }[a.worker]
         print(json.dumps(fn()))
         return 0
@@ -503,8 +522,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for v in variants:
                     rows.append((f"mlx-vlm {v}", spawn("mlx-vlm", variant_dir(base, v), a.tokens)))
-        if "llama.cpp" in a.compare:
-            rows += llama_cpp_rows(base, a.llama_types.split(","), a.tokens, a.llama_python)
+        if "llama.cpp" in a.compare or "llama.cpp-raw" in a.compare:
+            raw = "llama.cpp-raw" in a.compare
+            rows += llama_cpp_rows(base, a.llama_types.split(","), a.tokens, a.llama_python, raw=raw)
         print(
             f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
             f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n"

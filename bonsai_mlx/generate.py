@@ -364,8 +364,11 @@ def generate(
     sampling: Sampling | None = None,
     system: str | None = None,
 ) -> Iterator[Chunk]:
-    """Stream one answer; the last chunk carries the stats."""
-    yield from ChatSession(model, processor, system=system).ask(prompt, image, sampling)
+    """Stream one answer; the last chunk carries the stats. `model` may be a Pico or a llama.cpp model
+    (bonsai_mlx.engines): the session runs on its engine."""
+    from bonsai_mlx.engines import new_session
+
+    yield from new_session(model, processor, system=system).ask(prompt, image, sampling)
 
 
 def stream_generate(
@@ -433,8 +436,15 @@ def generate_batch(
     return [proc.decode(o) for o in out]
 
 
-def load(model_dir: str):
-    """(model, processor) ready to generate."""
+def load(model_dir: str, engine: str = "mlx", **llama):
+    """(model, processor) ready to generate. `engine`: "mlx" (a Pico in MLX), "llama.cpp" (the GGUF pair, made on
+    first use beside the model; `gguf_type`, `n_ctx`, `threads` as keywords) or "auto" (bonsai_mlx.engines)."""
+    if engine != "mlx":
+        from bonsai_mlx.engines import EngineConfig
+        from bonsai_mlx.engines import load as load_engine
+
+        loaded = load_engine(model_dir, EngineConfig(engine=engine, **llama))
+        return loaded.model, loaded.processor
     from bonsai_mlx import loading
 
     model, config = loading.load(model_dir)
@@ -455,11 +465,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
+    from bonsai_mlx.core.cli import add_options, from_args
+    from bonsai_mlx.engines import EngineConfig, choose, stderr_log
+    from bonsai_mlx.engines import load as load_engine
+
+    add_options(ap.add_argument_group("engine"), EngineConfig)
     args = ap.parse_args(argv)
     from bonsai_mlx.core.errors import friendly
 
     with friendly():
-        model, proc = load(args.model)
+        cfg = from_args(EngineConfig, args)
+        choice = choose(cfg.engine)
+        if cfg.engine == "auto":  # says which it picked and why (an engine asked for by name is not announced)
+            stderr_log(choice.line())
+        loaded = load_engine(args.model, cfg, choice=choice, log=stderr_log)
+        model, proc = loaded.model, loaded.processor
         sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
         for chunk in generate(model, proc, args.prompt, args.image, sampling, args.system):
             print(chunk.text, end="", flush=True)

@@ -1,7 +1,8 @@
 """python -m bonsai_mlx.server: an OpenAI-compatible chat API over a Pico (`POST /v1/chat/completions`,
 `GET /v1/models`), binding 127.0.0.1 unless told otherwise.
 
-It runs the same generation code as the CLI and the app (`bonsai_mlx.generate.ChatSession`), in one engine thread
+It runs the same generation code as the CLI and the app (`bonsai_mlx.generate.ChatSession`, on MLX or llama.cpp:
+`--engine`, bonsai_mlx.engines), in one engine thread
 that answers requests in turn from a bounded waiting line (`bonsai_mlx.serving.engine`); each HTTP thread only
 parses, ingests images and copies its answer from a bounded queue to its socket, so no lock is held across a
 socket write. The bounds (waiting line, connections, request/read/write deadlines, images and pixels per request,
@@ -24,6 +25,7 @@ import socket
 import sys
 
 from bonsai_mlx.core.cli import add_options, from_args
+from bonsai_mlx.engines import EngineConfig, stderr_log
 from bonsai_mlx.serving.config import Limits, ServeConfig
 from bonsai_mlx.serving.engine import Engine
 from bonsai_mlx.serving.httpd import make_server
@@ -53,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m bonsai_mlx.server", description="Serve a Pico over an OpenAI-compatible chat API."
     )
     add_options(ap, ServeConfig, required=["model"])
+    add_options(ap.add_argument_group("engine"), EngineConfig)
     add_options(ap.add_argument_group("limits"), Limits)
     ap.add_argument("--no-url-fetch", dest="url_fetch", action="store_const", const="off", help=argparse.SUPPRESS)
     return ap
@@ -62,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from bonsai_mlx.core.errors import friendly
 
-    cfg, limits = from_args(ServeConfig, a), from_args(Limits, a)
-    with friendly("server"):
-        server = make_server(cfg.model, cfg.host, cfg.port, cfg.api_key, limits)
+    cfg, limits, engine = from_args(ServeConfig, a), from_args(Limits, a), from_args(EngineConfig, a)
+    with friendly("server"):  # the engine's choice line (which, and why) goes to stderr first
+        server = make_server(cfg.model, cfg.host, cfg.port, cfg.api_key, limits, engine, log=stderr_log)
     if warning := exposure_warning(cfg.host, cfg.api_key):
         print(warning, file=sys.stderr, flush=True)
     host, port = server.server_address[:2]

@@ -7,6 +7,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# the CLIs' default engine is `auto` (llama.cpp on a Linux CPU when installed); the suite tests MLX unless a test
+# names another engine (tests/test_llama_engine.py, tests/app/test_browser.py, tests/test_server.py)
+os.environ.setdefault("BONSAI_ENGINE", "mlx")
 
 import bonsai_mlx  # noqa: E402,F401  (OpenBLAS before mlx.core)
 

@@ -1,4 +1,4 @@
-"""The model, behind one worker thread: the only thread that runs MLX.
+"""The model, behind one worker thread: the only thread that runs MLX (or llama.cpp, with `--engine llama.cpp`).
 
 HTTP threads parse a request and hand it over as a Job; the worker takes jobs one at a time from a bounded
 waiting line and writes the answer's pieces into the job's own bounded queue, which the job's HTTP thread
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bonsai_mlx.core.errors import BonsaiError
+from bonsai_mlx.engines import EngineConfig
 from bonsai_mlx.serving.config import Limits
 from bonsai_mlx.serving.images import Ingest
 from bonsai_mlx.serving.request import ChatRequest, RequestError, Turn
@@ -60,11 +61,12 @@ def timeout_error(limits: Limits) -> RequestError:
 class Engine:
     """The model, its processor, the conversations kept for reuse and the worker that answers jobs in turn."""
 
-    def __init__(self, model_dir: str, limits: Limits | None = None):
-        from bonsai_mlx.generate import load
+    def __init__(self, model_dir: str, limits: Limits | None = None, engine: EngineConfig | None = None, log=None):
+        from bonsai_mlx.engines import load
 
         self.model_dir = model_dir
-        self.model, self.processor = load(model_dir)
+        loaded = load(model_dir, engine or EngineConfig(engine="mlx"), log=log)  # auto only when asked (the CLI)
+        self.model, self.processor, self.choice = loaded.model, loaded.processor, loaded.choice
         self.name = Path(model_dir).name or model_dir
         self.limits = limits or Limits()
         self.context = self.model.config.text.max_position_embeddings
@@ -142,12 +144,12 @@ class Engine:
 
     def _session(self, req: ChatRequest):
         """The kept session whose conversation is exactly this request's earlier turns, else a fresh one."""
-        from bonsai_mlx.generate import ChatSession
+        from bonsai_mlx.engines import new_session
 
         earlier = req.turns[:-1]
         s = self.sessions.pop(req.key(earlier), None)
         if s is None:
-            s = ChatSession(self.model, self.processor, system=req.system, on_overflow="refuse")
+            s = new_session(self.model, self.processor, system=req.system, on_overflow="refuse")
             s.messages = [{"role": t.role, "content": t.content()} for t in earlier]
             s.images = [p.array for t in earlier for p in t.images]
         last = req.turns[-1]

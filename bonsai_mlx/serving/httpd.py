@@ -355,8 +355,14 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(
-    model_dir: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, limits: Limits | None = None
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    engine_config=None,
+    log=None,
 ) -> Server:
-    engine = Engine(model_dir, limits)
+    engine = Engine(model_dir, limits, engine_config, log=log)
     attrs = {"engine": engine, "api_key": api_key, "watchdog": Watchdog()}
     return Server((host, port), type("PicoHandler", (Handler,), attrs), engine.limits)

@@ -31,13 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(pico_dir, tmp_path):
+@pytest.fixture(params=["mlx", "llama.cpp"])
+def server(request, pico_dir, tmp_path):
+    engine = request.param
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    model, extra = pico_dir, []
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python: scripts/setup.sh --dev installs it")
+        model = tmp_path / "pico"  # its GGUF cache goes beside it: not into the shared fixture
+        shutil.copytree(pico_dir, model)
+        extra = ["--gguf-type", "f32"]
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--model", str(pico_dir), "--port", str(port)],
+        [sys.executable, "-m", "app", "--model", str(model), "--port", str(port), "--engine", engine, *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -57,12 +64,14 @@ def server(pico_dir, tmp_path):
         pytest.fail("app did not start: " + (tmp_path / "app.log").read_text()[-2000:])
     if proc.poll() is not None:
         pytest.fail("app exited: " + (tmp_path / "app.log").read_text()[-2000:])
-    yield url
+    assert f"engine: {engine} (asked for)" in (tmp_path / "app.log").read_text()  # one line at start
+    yield url, engine
     proc.terminate()
     proc.wait(timeout=20)
 
 
 def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
+    server, engine = server
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (scripts/setup.sh --dev does)")
@@ -73,6 +82,8 @@ def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(server, wait_until="load")
         page.wait_for_selector("#input textarea", timeout=60_000)
+        shown = page.inner_text("#engine")  # the engine, beside the model name
+        assert ("llama.cpp, f32 GGUF" if engine == "llama.cpp" else "MLX") in shown and "asked for" in shown
         page.set_input_files("#input input[type=file]", str(img))
         page.wait_for_selector("#input img, #input .thumbnail-item", timeout=30_000)
         page.fill("#input textarea", "What colour is the square?")
@@ -94,7 +105,7 @@ def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
         )
         assert page.locator("#chat .message").count() >= 4
         ARTIFACTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"app-{engine}.png"), full_page=True)
         browser.close()
 
 
