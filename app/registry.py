@@ -72,13 +72,9 @@ class Registry:
 
     def session_class(self):
         """The chat-session class of this registry's engine (sessions are made before a model is attached)."""
-        if self.choice.engine == "llama.cpp":
-            from bonsai_mlx.engines.llama_cpp import LlamaChatSession
+        from bonsai_mlx.generate import ChatSession, LlamaChatSession
 
-            return LlamaChatSession
-        from bonsai_mlx.generate import ChatSession
-
-        return ChatSession
+        return LlamaChatSession if self.choice.engine == "llama.cpp" else ChatSession
 
     def get(self, name: str):
         """(model, processor) of `name`, loading it (and freeing the previous one) if needed."""

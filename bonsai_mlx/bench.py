@@ -300,14 +300,14 @@ def work_mlx_vlm(model_dir: str, tokens: int) -> dict:
     }
 
 
-def work_llama_engine(model_dir: str, tokens: int, kind: str) -> dict:
+def work_llama_engine(model_dir: str, tokens: int, arg: str) -> dict:
     """The project's llama.cpp engine (bonsai_mlx.engines.llama_cpp): what `generate --engine llama.cpp`, the app
     and the server run, the GGUF pair from the cache beside the model, the same session and stats as work_mlx."""
-    from bonsai_mlx.engines import new_session
     from bonsai_mlx.engines.llama_cpp import LlamaOptions, load
-    from bonsai_mlx.generate import Sampling
+    from bonsai_mlx.generate import Sampling, new_session
 
-    model, proc = load(model_dir, LlamaOptions(kind or None))
+    kind, _, threads = arg.partition(":")  # "q4_0" or "q4_0:1" (threads)
+    model, proc = load(model_dir, LlamaOptions(kind or None, threads=int(threads) if threads else None))
     img = bench_image()
     list(new_session(model, proc).ask("Hi", img, Sampling(max_tokens=2, ignore_stop=True)))  # warm-up
     chunks = new_session(model, proc).ask(PROMPT, img, Sampling(max_tokens=tokens, ignore_stop=True))
@@ -368,7 +368,9 @@ def work_llama_cpp(lm_gguf: str, tokens: int, mmproj: str) -> dict:
     }
 
 
-def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str, raw: bool = False) -> list[tuple[str, dict]]:
+def llama_cpp_rows(
+    base: Path, types: list[str], tokens: int, python: str, raw: bool = False, threads: int | None = None
+) -> list[tuple[str, dict]]:
     """llama.cpp on each GGUF type, each in its own process: the project's engine (the GGUF pair made on first
     use into the cache beside the model), and with `raw` llama-cpp-python's own chat handler on the same files."""
     from bonsai_mlx.engines import gguf_cache
@@ -376,7 +378,8 @@ def llama_cpp_rows(base: Path, types: list[str], tokens: int, python: str, raw: 
     rows = []
     for kind in types:
         print(f"llama.cpp {kind} ...", file=sys.stderr)
-        rows.append((f"llama.cpp {kind}", spawn("llama.cpp", base, tokens, kind, python=python)))
+        arg = f"{kind}:{threads}" if threads else kind
+        rows.append((f"llama.cpp {kind}", spawn("llama.cpp", base, tokens, arg, python=python)))
         if raw:
             files = gguf_cache.ensure(base, kind, log=lambda m: print(m, file=sys.stderr))
             args = ["--worker", "llama.cpp-raw", "--model", str(files.lm), "--tokens", str(tokens)]
@@ -468,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with --compare llama.cpp: the python that runs the llama.cpp rows (one with llama-cpp-python and this "
         "project's requirements, e.g. a venv without torch)",
     )
+    ap.add_argument(
+        "--llama-threads", type=int, help="with --compare llama.cpp: threads (default: one per core, as the engine)"
+    )
     ap.add_argument("--tokens", type=int, default=128, help="forced new tokens for decode speed")
     ap.add_argument(
         "--profile-decode",
@@ -524,10 +530,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((f"mlx-vlm {v}", spawn("mlx-vlm", variant_dir(base, v), a.tokens)))
         if "llama.cpp" in a.compare or "llama.cpp-raw" in a.compare:
             raw = "llama.cpp-raw" in a.compare
-            rows += llama_cpp_rows(base, a.llama_types.split(","), a.tokens, a.llama_python, raw=raw)
+            rows += llama_cpp_rows(
+                base, a.llama_types.split(","), a.tokens, a.llama_python, raw=raw, threads=a.llama_threads
+            )
+        busy = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
         print(
             f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
-            f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s\n"
+            f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s{busy}\n"
         )
         print(table(rows, a.bandwidth_gbs))
     return 0

@@ -342,6 +342,117 @@ class ChatSession:
         yield Chunk(detok.last_segment, out[n_shown:], stats)
 
 
+class LlamaChatSession(ChatSession):
+    """A ChatSession whose turns run in llama.cpp (bonsai_mlx.engines.llama_cpp.LlamaModel): the same conversation
+    rules, prompts, stop and stats. One llama.cpp context serves every session of a model: a session `claim`s it
+    for its turn, and the model copies the previous owner's KV cache out (into that session's `cache`, as bytes)
+    and puts it back when that session speaks again."""
+
+    def _claimed(self):
+        m = self.model
+        m.claim(self)
+        return m
+
+    def _trim_to(self, n: int) -> None:
+        m = self.model
+        n = min(n, len(self.cached_ids))
+        if m is not None and m.owns(self):
+            m.trim(n)
+            self.cached_ids = self.cached_ids[:n]
+        elif n < len(self.cached_ids):  # a copied-out cache cannot be cut: prefill again next time
+            self.cache, self.cached_ids = None, []
+
+    def _prefill(self, ids: list[int]):
+        from bonsai_mlx.engines.llama_cpp import pico_pixels
+
+        m, proc = self._claimed(), self.processor
+        keep = self._reuse(ids)
+        self._trim_to(keep)
+        keep = len(self.cached_ids)
+        new = ids[keep:]
+        n_img = self.model.config.num_image_tokens
+        n_new_images = sum(1 for t in new if t == proc.image_token_id) // n_img
+        try:
+            images = self.images[len(self.images) - n_new_images :] if n_new_images else []
+            pixels = [pico_pixels(proc, im) for im in images]
+            logits = m.prefill(new, keep, pixels, proc.image_token_id, n_img)
+        except BaseException:
+            self._trim_to(keep)
+            raise
+        self.cached_ids = list(ids)
+        return logits, keep
+
+    def _steps(self, tok: int, pick, sampling, out: list[int], detok) -> Iterator:
+        """As ChatSession._decode: from the first sampled token on, until a stop token, max_tokens or stop().
+        Fills `out` and `detok`; returns (finish reason, tokens shown)."""
+        proc, m = self.processor, self.model
+        special = set(proc.tokenizer.all_special_ids)
+        n_shown = 0
+        while len(out) < sampling.max_tokens:
+            if tok in proc.stop_ids and not sampling.ignore_stop:
+                return "stop", n_shown
+            out.append(tok)
+            if tok not in special:  # as decode(skip_special_tokens=True)
+                detok.add_token(tok)
+            seg = detok.last_segment
+            if seg:
+                yield self._chunk(seg, out[n_shown:])
+                n_shown = len(out)
+            if self.stop_requested:
+                return "stopped", n_shown
+            if len(out) < sampling.max_tokens:
+                logits = m.step(tok, len(self.cached_ids))
+                self.cached_ids.append(tok)
+                tok = pick(logits)
+        return "length", n_shown
+
+    @staticmethod
+    def _chunk(text, tokens, stats=None):
+        return Chunk(text, tokens, stats)
+
+    def _respond(self, sampling, before) -> Iterator:
+        from bonsai_mlx.engines.llama_cpp import make_picker, peak_rss_gb
+
+        try:
+            prompt_text, ids, conv, sampling, dropped = self._fit(sampling)
+            t0 = time.perf_counter()
+            pick = make_picker(self.model, self.processor, sampling)
+            logits, keep = self._prefill(ids)
+            tok = pick(logits)
+        except BaseException:
+            self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
+            raise
+        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep, trimmed_messages=dropped)
+        stats.ttft_s = time.perf_counter() - t0
+        stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
+        out: list[int] = []
+        detok = detokenizer(self.processor)
+        t1 = time.perf_counter()
+        try:
+            reason, n_shown = yield from self._steps(tok, pick, sampling, out, detok)
+        except BaseException:  # the stream was closed (a cancelled request) or failed: keep what was produced
+            self._record(prompt_text, conv, ids, out, detok)
+            raise
+        self._record(prompt_text, conv, ids, out, detok)
+        dt = time.perf_counter() - t1
+        stats.generated_tokens = len(out)
+        stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
+        stats.peak_memory_gb = peak_rss_gb()  # the process's peak resident memory (MLX reports its allocator's)
+        stats.finish_reason = reason
+        yield self._chunk(detok.last_segment, out[n_shown:], stats)
+
+
+def session_class(model) -> type[ChatSession]:
+    """The session class that runs on `model`'s engine: ChatSession for a Pico, LlamaChatSession for a llama.cpp
+    model (bonsai_mlx.engines.llama_cpp.LlamaModel)."""
+    return LlamaChatSession if getattr(model, "engine", "mlx") == "llama.cpp" else ChatSession
+
+
+def new_session(model, processor, **kw) -> ChatSession:
+    """A chat session on `model`'s engine (ChatSession's keywords)."""
+    return session_class(model)(model, processor, **kw)
+
+
 def _token_picker(model: Pico, proc: Processor, sampling: Sampling) -> Callable[[mx.array], mx.array]:
     """Last hidden states -> the next token, by the sampling settings; <image> is input-only, never sampled."""
     if sampling.seed is not None:
@@ -366,8 +477,6 @@ def generate(
 ) -> Iterator[Chunk]:
     """Stream one answer; the last chunk carries the stats. `model` may be a Pico or a llama.cpp model
     (bonsai_mlx.engines): the session runs on its engine."""
-    from bonsai_mlx.engines import new_session
-
     yield from new_session(model, processor, system=system).ask(prompt, image, sampling)
 
 
@@ -445,7 +554,7 @@ def load(model_dir: str, engine: str = "mlx", **llama):
 
         loaded = load_engine(model_dir, EngineConfig(engine=engine, **llama))
         return loaded.model, loaded.processor
-    from bonsai_mlx import loading
+    from bonsai_mlx import loading  # (bonsai_mlx.engines loads an MLX Pico the same way, without this module)
 
     model, config = loading.load(model_dir)
     return model, Processor(loading.resolve(model_dir), config)

@@ -58,7 +58,7 @@ def tiny_mlx(tiny_dir):
 
 
 def _session(model, proc, **kw):
-    from bonsai_mlx.engines import new_session
+    from bonsai_mlx.generate import new_session
 
     return new_session(model, proc, **kw)
 
@@ -312,3 +312,15 @@ def test_the_server_answers_an_openai_client_on_llama_cpp_as_mlx_does(llama_serv
     follow = [*msgs, {"role": "assistant", "content": want}, {"role": "user", "content": "How many shapes are there?"}]
     r2 = client.chat.completions.create(model="pico", messages=follow, max_tokens=4, temperature=0)
     assert r2.usage.prompt_tokens_details.cached_tokens > model.config.num_image_tokens
+
+
+def test_bench_compares_llama_cpp_through_the_engine(tiny_dir, capsys):
+    _need_llama()
+    from bonsai_mlx.bench import main as bench
+
+    args = ["--model", str(tiny_dir), "--compare", "llama.cpp-raw", "--llama-types", "f32", "--tokens", "6"]
+    assert bench([*args, "--llama-threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "llama.cpp f32 (cpu, 1 threads)" in rows and "llama-cpp-python handler f32" in rows
+    assert "error" not in out and "load average" in out

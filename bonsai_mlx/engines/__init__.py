@@ -123,32 +123,14 @@ def load(model_dir: str | Path, cfg: EngineConfig | None = None, choice: Choice 
         from bonsai_mlx.engines.llama_cpp import load as load_llama
 
         model, proc = load_llama(model_dir, LlamaOptions(cfg.gguf_type, cfg.n_ctx, cfg.threads), log=log)
-    else:
-        from bonsai_mlx.generate import load as load_mlx
+    else:  # as bonsai_mlx.generate.load (this package never imports generate: generate's CLI imports it)
+        from bonsai_mlx import loading
+        from bonsai_mlx.core.processing import Processor
 
-        model, proc = load_mlx(str(model_dir))
+        model, config = loading.load(str(model_dir))
+        proc = Processor(loading.resolve(str(model_dir)), config)
     return Loaded(model, proc, choice)
 
 
 def stderr_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def is_llama(model) -> bool:
-    return getattr(model, "engine", None) == "llama.cpp"
-
-
-def session_class(model):
-    """The chat-session class that runs on `model`'s engine."""
-    if is_llama(model):
-        from bonsai_mlx.engines.llama_cpp import LlamaChatSession
-
-        return LlamaChatSession
-    from bonsai_mlx.generate import ChatSession
-
-    return ChatSession
-
-
-def new_session(model, processor, **kw):
-    """A chat session on `model`'s engine (ChatSession's arguments)."""
-    return session_class(model)(model, processor, **kw)

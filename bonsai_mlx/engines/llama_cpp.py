@@ -1,12 +1,13 @@
-"""Pico on llama.cpp (through llama-cpp-python): the same chat sessions, prompts and stats as the MLX engine.
+"""Pico on llama.cpp (through llama-cpp-python): the model side of the llama.cpp engine.
 
 The model directory is taken as it is: its GGUF pair is made on first use and cached (engines.gguf_cache).
 Everything around the two networks is the project's own code, shared with the MLX engine: the checkpoint's
 tokenizer and chat template (core.processing.Processor) give the token ids, so both engines read the same
 prompt, and the conversation logic (turns, literal user text, image slots, reuse of the cached prefix, partial
-answers kept) is ChatSession's. llama.cpp runs the vision tower + projector (its `mtmd` library, on the mmproj
-GGUF) and the language model; sampling happens here on its logits, as in the MLX engine (<image> is never
-sampled; temperature and top-p as mlx-lm's sampler).
+answers kept, context fitting) is ChatSession's: `bonsai_mlx.generate.LlamaChatSession` runs its turns on a
+LlamaModel from here (this module never imports generate: generate's CLI imports the engines). llama.cpp runs the
+vision tower + projector (its `mtmd` library, on the mmproj GGUF) and the language model; sampling happens on its
+logits here (`make_picker`), as in the MLX engine (<image> is never sampled; temperature and top-p as mlx-lm's).
 
 Images are stretched to the model's square input size here, the way Pico's image processor resizes them,
 before llama.cpp sees them: llama.cpp would pad a non-square image to a square (llava-1.5 style), and then
@@ -22,9 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-import time
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def default_gguf_type() -> str:
         return "q4_0"
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -188,6 +187,9 @@ class LlamaModel:
         self._model = self._ctx = self._vision = None
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
+        # read the file into memory instead of mapping it: the CPU backend repacks q4_0/q8_0 weights into its own
+        # buffer, and a mapped file would stay resident beside that copy (265 MB twice for the full-size q4_0 LM)
+        mp.load_mode = getattr(llama_cpp, "LLAMA_LOAD_MODE_NONE", 0)
         if amx_build(llama_cpp):
             mp.use_extra_bufts = False  # see amx_build: no AMX (nor the CPU repack) rather than a crash
             if log:
@@ -199,6 +201,9 @@ class LlamaModel:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, N_BATCH, N_BATCH
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.no_perf = True
+        # only the last position's logits are ever read: a compute buffer sized for n_batch rows of logits would
+        # hold 512 x vocab floats (300 MB at the full-size vocabulary) for nothing
+        cp.n_outputs_max = 1
         self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
         if not self._ctx:
             self.close()
@@ -246,7 +251,7 @@ class LlamaModel:
             pass
 
     # -- the KV cache: one conversation at a time -------------------------------------------------------------
-    def claim(self, session: LlamaChatSession) -> None:
+    def claim(self, session) -> None:
         """Make the context hold `session`'s tokens: the previous owner's KV is copied out, this one's put back."""
         cur = self._owner() if self._owner is not None else None
         if cur is session:
@@ -398,132 +403,29 @@ def make_picker(model: LlamaModel, proc, sampling):
     return pick
 
 
-# -- the chat session ---------------------------------------------------------------------------------------------
-def _session_base():
-    from bonsai_mlx.generate import ChatSession
+def _release_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them): building the fast tokenizer of a 151k vocabulary
+    leaves ~160 MB of freed Python objects resident otherwise."""
+    import gc
 
-    return ChatSession
-
-
-class LlamaChatSession(_session_base()):
-    """A ChatSession whose turns run in llama.cpp: the same conversation rules, prompts, stop and stats."""
-
-    def _claimed(self) -> LlamaModel:
-        m = self.model
-        m.claim(self)
-        return m
-
-    def _trim_to(self, n: int) -> None:
-        m = self.model
-        n = min(n, len(self.cached_ids))
-        if m is not None and m.owns(self):
-            m.trim(n)
-            self.cached_ids = self.cached_ids[:n]
-        elif n < len(self.cached_ids):  # a copied-out cache cannot be cut: prefill again next time
-            self.cache, self.cached_ids = None, []
-
-    def _prefill(self, ids: list[int]):
-        m, proc = self._claimed(), self.processor
-        keep = self._reuse(ids)
-        self._trim_to(keep)
-        keep = len(self.cached_ids)
-        new = ids[keep:]
-        n_img = self.model.config.num_image_tokens
-        n_new_images = sum(1 for t in new if t == proc.image_token_id) // n_img
-        try:
-            images = self.images[len(self.images) - n_new_images :] if n_new_images else []
-            pixels = [pico_pixels(proc, im) for im in images]
-            logits = m.prefill(new, keep, pixels, proc.image_token_id, n_img)
-        except BaseException:
-            self._trim_to(keep)
-            raise
-        self.cached_ids = list(ids)
-        return logits, keep
-
-    def _steps(self, tok: int, pick, sampling, out: list[int], detok) -> Iterator:
-        """As ChatSession._decode: from the first sampled token on, until a stop token, max_tokens or stop().
-        Fills `out` and `detok`; returns (finish reason, tokens shown)."""
-        proc, m = self.processor, self.model
-        special = set(proc.tokenizer.all_special_ids)
-        n_shown = 0
-        while len(out) < sampling.max_tokens:
-            if tok in proc.stop_ids and not sampling.ignore_stop:
-                return "stop", n_shown
-            out.append(tok)
-            if tok not in special:  # as decode(skip_special_tokens=True)
-                detok.add_token(tok)
-            seg = detok.last_segment
-            if seg:
-                yield self._chunk(seg, out[n_shown:])
-                n_shown = len(out)
-            if self.stop_requested:
-                return "stopped", n_shown
-            if len(out) < sampling.max_tokens:
-                logits = m.step(tok, len(self.cached_ids))
-                self.cached_ids.append(tok)
-                tok = pick(logits)
-        return "length", n_shown
-
-    @staticmethod
-    def _chunk(text, tokens, stats=None):
-        from bonsai_mlx.generate import Chunk
-
-        return Chunk(text, tokens, stats)
-
-    def _respond(self, sampling, before) -> Iterator:
-        from bonsai_mlx.generate import Stats, detokenizer
-
-        try:
-            prompt_text, ids, conv, sampling, dropped = self._fit_prompt(sampling)
-            t0 = time.perf_counter()
-            pick = make_picker(self.model, self.processor, sampling)
-            logits, keep = self._prefill(ids)
-            tok = pick(logits)
-        except BaseException:
-            self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
-            raise
-        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
-        if dropped:
-            stats.trimmed_messages = dropped
-        stats.ttft_s = time.perf_counter() - t0
-        stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
-        out: list[int] = []
-        detok = detokenizer(self.processor)
-        t1 = time.perf_counter()
-        try:
-            reason, n_shown = yield from self._steps(tok, pick, sampling, out, detok)
-        except BaseException:  # the stream was closed (a cancelled request) or failed: keep what was produced
-            self._record(prompt_text, conv, ids, out, detok)
-            raise
-        self._record(prompt_text, conv, ids, out, detok)
-        dt = time.perf_counter() - t1
-        stats.generated_tokens = len(out)
-        stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
-        stats.peak_memory_gb = _peak_rss_gb()  # the process's peak resident memory (MLX reports its allocator's)
-        stats.finish_reason = reason
-        yield self._chunk(detok.last_segment, out[n_shown:], stats)
-
-    def _fit_prompt(self, sampling):
-        """(marked text, ids, conversation, sampling, messages dropped): the base session's context fitting where
-        it has one, else the encoding as it is."""
-        fit = getattr(super(), "_fit", None)
-        if fit is not None:
-            return fit(sampling)
-        prompt_text, ids, conv = self._encode()
-        room = self.model.config.text.max_position_embeddings - len(ids)
-        if room <= 0:
-            raise UserError(
-                f"the conversation is {len(ids)} tokens; the llama.cpp context holds "
-                f"{self.model.config.text.max_position_embeddings} (--n-ctx): start a new chat or send less text"
-            )
-        if sampling.max_tokens > room:
-            sampling = replace(sampling, max_tokens=room)
-        return prompt_text, ids, conv, sampling, 0
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load(model_dir: str | Path, options: LlamaOptions | None = None, log=None):
-    """(LlamaModel, Processor) ready for LlamaChatSession."""
+    """(LlamaModel, Processor) ready for bonsai_mlx.generate.LlamaChatSession. The processor comes first and its
+    construction garbage is returned to the OS before the weights are read, so peak memory is the steady state,
+    not the sum."""
+    from bonsai_mlx.core.config import PicoConfig
+    from bonsai_mlx.core.hub import resolve
     from bonsai_mlx.core.processing import Processor
 
-    model = LlamaModel(model_dir, options, log=log)
-    return model, Processor(model.dir, model.config)
+    d = resolve(model_dir)
+    proc = Processor(d, PicoConfig.load(d))
+    _release_heap()
+    model = LlamaModel(d, options, log=log)
+    proc.config = model.config  # the same, with the context capped to what llama.cpp holds
+    return model, proc

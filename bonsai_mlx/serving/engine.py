@@ -144,7 +144,7 @@ class Engine:
 
     def _session(self, req: ChatRequest):
         """The kept session whose conversation is exactly this request's earlier turns, else a fresh one."""
-        from bonsai_mlx.engines import new_session
+        from bonsai_mlx.generate import new_session
 
         earlier = req.turns[:-1]
         s = self.sessions.pop(req.key(earlier), None)
