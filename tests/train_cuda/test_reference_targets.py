@@ -152,7 +152,9 @@ def test_teacher_ids_equal_what_its_own_llava_processor_makes(real, rec):
 
     teacher, student, hf, img = real
     plan = plan_sample(rec, teacher, student, str(img))
-    text = hf.apply_chat_template(_hf_conversation(rec))
+    # the checkpoint's own template, named: in one full-suite run (transformers 5.25) the reloaded processor came
+    # back without it, while the teacher (plan_sample above) had read it from the same directory
+    text = hf.apply_chat_template(_hf_conversation(rec), chat_template=LLAVA_15)
     images = [Image.open(img / rec["image"]).convert("RGB")] if rec.get("image") else None
     ref = list(hf(text=text, images=images)["input_ids"][0])
     assert ref[0] == hf.tokenizer.bos_token_id
