@@ -14,9 +14,8 @@ import mlx.nn as nn
 
 from bonsai_mlx.core.align import FEAT_LOSSES
 from bonsai_mlx.core.batching import Batch
-from bonsai_mlx.core.distill_targets import LogitPlan, cache_layer_map, gather_targets, plan_logits
+from bonsai_mlx.core.distill_targets import LogitPlan, cache_layer_map, gather_targets, open_teacher_cache, plan_logits
 from bonsai_mlx.core.errors import UserError
-from bonsai_mlx.core.teacher_cache import CacheReader
 
 
 def ln(x: mx.array, eps: float = 1e-5) -> mx.array:
@@ -132,13 +131,7 @@ def setup_distill(cfg, model, proc, train):
     """(aligners, loss fn, batch augmenter) for the Trainer; drops samples the cache lacks."""
     if not cfg.teacher_cache:
         raise UserError("--stage distill needs --teacher-cache (made by python -m train_cuda.extract)")
-    cache = CacheReader(cfg.teacher_cache, proc.tokenizer, proc.chat_template)
-    missing = [e.id for e in train.examples if e.id not in cache]
-    if missing:
-        print(
-            f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); training without them"
-        )
-        train.examples = [e for e in train.examples if e.id in cache]
+    cache, train.examples = open_teacher_cache(cfg, proc, train.examples)
     if cfg.feat_loss not in FEAT_LOSSES:
         raise UserError(f"feat_loss must be one of {', '.join(FEAT_LOSSES)}, got {cfg.feat_loss!r}")
     plan = None

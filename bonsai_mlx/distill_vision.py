@@ -76,7 +76,7 @@ class DistillVisionConfig:
     warmup: int = opt(50, "linear warmup steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     seed: int = opt(0, "seed of the held-out split, the order and the init")
-    eval_images: int = opt(64, "held out (at most 10%%) to measure the feature match")
+    eval_images: int = opt(64, "held out (at most 10%) to measure the feature match")
     save_every: int = opt(200, "checkpoint every N steps (0: never)")
     cache_gb: float = opt(2.0, "memory for processed images (0: decode every time)")
 

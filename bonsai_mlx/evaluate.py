@@ -164,7 +164,7 @@ def perplexity(
 
     convs, owners = _ppl_records(records, source)
     ds = Dataset.build(convs, proc, image_root)
-    pad = proc.tokenizer.pad_token_id if proc.tokenizer.pad_token_id is not None else 0
+    pad = proc.pad_id
     groups: dict[str | None, list] = {}
     for e in ds.examples:  # one type per batch, so each type's sums come straight from ce_at
         groups.setdefault(owners[int(e.id[1:])][1], []).append(e)

@@ -14,7 +14,7 @@ from pathlib import Path
 from bonsai_mlx.core.cli import add_options, given
 from bonsai_mlx.core.errors import InputNotFound, UserError
 from bonsai_mlx.core.runs import check_resume, read_state, resolve_checkpoint
-from bonsai_mlx.core.train_config import TrainConfig
+from bonsai_mlx.core.train_config import CUDA_ONLY, TrainConfig
 from bonsai_mlx.embedded import DEFAULT, DEFAULT_DATA
 
 
@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     )
     # every training option, its default and help come from TrainConfig; flags not given stay out of the
     # namespace, so a --config file or a resumed run's saved options sit underneath them
-    add_options(ap, TrainConfig, suppress=True)
+    add_options(ap, TrainConfig, suppress=True, exclude=CUDA_ONLY)
     ap.add_argument("--resume", help="continue a run exactly from its latest (or the given) checkpoint")
     ap.add_argument("--config", help="YAML/JSON file of these options (command-line flags override it)")
     ap.add_argument("--export", metavar="DIR", help="write the synthetic task as LLaVA JSON + PNGs and exit")

@@ -1,8 +1,8 @@
 """Proof that llama.cpp runs a Pico exported by `convert to-gguf` and answers like bonsai_mlx (greedy).
 
 Needs llama-cpp-python built from source in some environment (its sdist compiles llama.cpp):
-    python3 -m venv /work/venv-llama && /work/venv-llama/bin/pip install llama-cpp-python
-    python scripts/llama_cpp_proof.py --llama-python /work/venv-llama/bin/python
+    python3 -m venv .venv-llama && /work/venv-llama/bin/pip install llama-cpp-python
+    python scripts/llama_cpp_proof.py --llama-python .venv-llama/bin/python
 
 For each GGUF type the same images are answered by llama.cpp (llama-cpp-python's multimodal chat handler,
 the mtmd/clip code) and by bonsai_mlx on the same checkpoint; the table gives how many answers are equal
@@ -81,7 +81,9 @@ def _agreement(ours: list[int], theirs: list[int]) -> tuple[bool, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="llama.cpp vs bonsai_mlx on the same Pico, greedy.")
-    ap.add_argument("--llama-python", default="/work/venv-llama/bin/python", help="python with llama-cpp-python")
+    ap.add_argument(
+        "--llama-python", default=sys.executable, help="a python with llama-cpp-python (default: this one, .[llama])"
+    )
     ap.add_argument("--model", help="a Pico directory (default: the embedded default's model, untrained)")
     ap.add_argument("--types", default="f32,f16,q8_0,q4_0,q4_k_m")
     ap.add_argument("--max-tokens", type=int, default=16)

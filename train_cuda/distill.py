@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     from bonsai_mlx.core.errors import friendly, glue_negative_lists
 
     ap = parser("python -m train_cuda.distill", __doc__, distill=True)
-    args = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, ("--layer-map",)))
+    flags = ("--layer-map", "--teacher-layers")
+    args = ap.parse_args(glue_negative_lists(sys.argv[1:] if argv is None else argv, flags))
     with friendly("distill"):
         train(config_from_args(args, distill=True), distill=True, resume=args.resume)
     return 0

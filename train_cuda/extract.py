@@ -1,115 +1,54 @@
 """python -m train_cuda.extract: run the teacher once and cache its hidden states at aligned units.
 
-Resumable (finished shards are skipped), prints the projected disk size first, and writes a cache
-that `train_cuda.distill` and `bonsai_mlx.train --stage distill` both read.
+Before the teacher loads, it checks the cache's manifest against these inputs, estimates the size for the
+planned samples and the whole data, and refuses when the disk cannot hold it. Resumable (finished shards are
+skipped), never deletes a shard (replacing a cache takes --overwrite), and runs on several GPUs with
+`accelerate launch -m train_cuda.extract ...` (each rank its own shards; the manifest completed once all
+finish). Writes a cache that `train_cuda.distill` and `bonsai_mlx.train --stage distill` both read.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from bonsai_mlx.core.align import grid_weights, text_units
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.core.errors import UserError
-from bonsai_mlx.core.images import ImageError, load_image
 from bonsai_mlx.core.processing import Processor
-from bonsai_mlx.core.records import BadSample, messages_of, place_image, read_records, record_ids, tokenize
-from bonsai_mlx.core.teacher_cache import (
-    TOKENS_FILE,
-    CacheWriter,
-    Entry,
-    file_fingerprint,
-    tokenizer_fingerprint,
-    vocab_fingerprint,
-)
+from bonsai_mlx.core.provenance import check_space, data_fingerprint, estimate_bytes, free_bytes, human
+from bonsai_mlx.core.records import BadSample, read_records, record_ids
+from bonsai_mlx.core.teacher_cache import TOKENS_FILE, CacheWriter, check_resume, full_manifest, vocab_fingerprint
 from bonsai_mlx.core.vocab_map import encode_tokens, fallback_ids, shared_vocab_of, token_bytes
-from train_cuda.teacher import Teacher, answer_spans
+from train_cuda.targets import (  # noqa: F401  (re-exported: the names this module has always offered)
+    Plan,
+    answer_start,
+    load_pixels,
+    plan_sample,
+    pool_images,
+    prefetched,
+    targets_manifest,
+    teacher_targets,
+)
+from train_cuda.teacher import Teacher
+
+ESTIMATE_SAMPLES = 256  # records planned up front to estimate the cache's size
 
 
-@dataclass
-class Plan:
-    sid: str
-    t_ids: list[int]
-    pairs: list[tuple[int, int]]
-    image: str | None
-    same_next: list[int]  # units whose next token is the same in both tokenizations (where logits compare)
-    # logit units beyond `pairs`: the last prompt token before each answer, (teacher pos, student pos, strip): both
-    # models predict the answer's first token there; strip: the teacher's token carries the space before it
-    # (Llama's "▁red" after "ASSISTANT:") where the student's does not (Qwen's "red" after "assistant\n")
-    starts: list[tuple[int, int, bool]] = field(default_factory=list)
-    ends: list[tuple[int, int]] = field(default_factory=list)  # (teacher id, student id) of the token after answers
-
-
-def plan_sample(
-    rec: dict, teacher: Teacher, student: Processor, image_root: str | None, sid: str | None = None
-) -> Plan:
-    msgs, _ = place_image(messages_of(rec), bool(rec.get("image")))
-    answers = [m["content"] for m in msgs if m["role"] == "assistant"]
-    s_off: list = []
-    s_ids = tokenize(student, msgs, offsets=s_off)[0]
-    s_text = student.render(msgs, add_generation_prompt=False)
-    t_text = teacher.render(msgs)
-    t_ids, t_off = teacher.encode(t_text)
-    pairs, starts, ends = [], [], []
-    for ts, ss, ans in zip(answer_spans(t_text, answers), answer_spans(s_text, answers), answers, strict=True):
-        units = text_units(t_off, ts, s_off, ss)
-        pairs += units
-        start = answer_start(teacher.tokenizer, t_ids, t_off, ts, student.tokenizer, s_ids, s_off, ss, ans)
-        if start is not None:
-            starts.append(start)
-        if units:  # the answer's last unit ends it: what follows is each template's end of turn
-            t, s = units[-1]
-            if t_off[t][1] == ts[1] and s_off[s][1] == ss[1] and t + 1 < len(t_ids) and s + 1 < len(s_ids):
-                ends.append((t_ids[t + 1], s_ids[s + 1]))
-    img = rec.get("image")
-    path = str(Path(image_root) / img) if img and image_root else img
-    # logit units: the aligned units, then the answer starts; same_next indexes that list
-    same = [
-        k
-        for k, (t, s) in enumerate(pairs + [(t, s) for t, s, _ in starts])
-        if t + 1 < len(t_ids) and s + 1 < len(s_ids) and t_ids[t + 1] == s_ids[s + 1]
-    ]
-    return Plan(record_ids([rec])[0] if sid is None else sid, t_ids, pairs, path, same, starts, ends)
-
-
-def answer_start(t_tok, t_ids, t_off, t_span, s_tok, s_ids, s_off, s_span, answer: str):
-    """(teacher pos, student pos, strip) of the last prompt token before an answer in each tokenization, when
-    the token after it begins the answer in both (the teacher's possibly with the one space its template puts
-    before the answer: strip); None when a token straddles the prompt and the answer in another way."""
-    from bonsai_mlx.core.vocab_map import piece_bytes, scheme_of
-
-    def before(ids, off, span, tok):
-        last = [i for i, (a, b) in enumerate(off) if b > a and b <= span[0] and i + 1 < len(ids)]
-        if not last:
-            return None
-        i = last[-1]
-        return i, piece_bytes(tok.convert_ids_to_tokens(ids[i + 1]), scheme_of(tok))
-
-    t, s = before(t_ids, t_off, t_span, t_tok), before(s_ids, s_off, s_span, s_tok)
-    if t is None or s is None or t[1] is None or s[1] is None:
-        return None
-    text = answer.encode("utf-8")
-    strip = t[1].startswith(b" ") and not s[1].startswith(b" ") and not text.startswith(b" ")
-    t_next = t[1][1:] if strip else t[1]
-    if not (t_next and s[1] and text.startswith(t_next[: len(text)]) and text.startswith(s[1][: len(text)])):
-        return None
-    return t[0], s[0], strip
+def extract_batch(teacher, batch, layers, s_grid, bad, topk: int = 0, pixels=None):
+    """Targets of one batch (kept under its old name: `targets.teacher_targets`)."""
+    return teacher_targets(teacher, batch, layers, s_grid, bad, topk, pixels)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train_cuda.extract", description=__doc__)
     ap.add_argument("--teacher", required=True, help="teacher Llava directory or hub id (llava-hf/llava-1.5-7b-hf)")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, help="LLaVA JSON/JSONL, a datasets directory or a hub dataset id")
     ap.add_argument("--image-root")
     ap.add_argument("--student-tokenizer", required=True, help="the student Pico directory (tokenizer, template, grid)")
     ap.add_argument("--layers", default="-1", help="teacher hidden_states indices, e.g. -1,16")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace a cache in --out made from other inputs")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--dtype", default=None, help="teacher compute dtype on GPU (default bfloat16)")
     ap.add_argument("--load-4bit", action="store_true", help="teacher in bitsandbytes NF4 (GPU only)")
@@ -136,101 +75,150 @@ def main(argv: list[str] | None = None) -> int:
         return run(a)
 
 
+def _ranks():
+    """(process index, process count, device, barrier) under `accelerate launch`; (0, 1, None, no-op) alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None, lambda: None
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
+    dev = str(state.device) if state.device.type == "cuda" else "cpu"
+    return state.process_index, state.num_processes, dev, state.wait_for_everyone
+
+
+def _plans(records, ids, positions, teacher, student, image_root, bad, same_vocab: bool) -> list[Plan]:
+    """Plans of the records at `positions` (bad ones go to `bad`): made when needed, never all at once."""
+    out = []
+    for i in positions:
+        try:
+            p = plan_sample(records[i], teacher, student, image_root, ids[i])
+        except (BadSample, ValueError) as e:
+            bad[ids[i]] = str(e)
+            continue
+        if not same_vocab:
+            p.same_next = []  # ids of two vocabularies never compare, even where the numbers happen to be equal
+        out.append(p)
+    return out
+
+
+def estimate(plans: list[Plan], n_probe: int, topk: int, layers: list[int], width: int, s_grid: int) -> float:
+    """Mean bytes a planned record takes in the cache (records that could not be planned count as none)."""
+    total = 0
+    for p in plans:
+        logit_units = len(p.pairs) + len(p.starts)
+        total += estimate_bytes(len(p.pairs), s_grid * s_grid if p.image else 0, len(layers), width, logit_units, topk)
+    return total / max(n_probe, 1)
+
+
 def run(a) -> int:
     from tqdm import tqdm
 
+    rank, world, device, barrier = _ranks()
+    say = print if rank == 0 else (lambda *x, **k: None)
     layers = [int(x) for x in a.layers.split(",")]
-    sdir = Path(a.student_tokenizer)
-    scfg = PicoConfig.load(sdir)
-    student = Processor(sdir, scfg)
-    teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit)
     if a.logits_topk < 0:
         raise UserError(f"--logits-topk must be a positive number of logits per unit, got {a.logits_topk}")
-    if teacher.device == "cpu":
-        print("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
+    sdir = Path(a.student_tokenizer)
+    student = Processor(sdir, PicoConfig.load(sdir))
+    s_grid = student.config.vision.grid
+    teacher = Teacher.load(a.teacher, a.dtype, a.load_4bit, device=device, weights=False)
     records = read_records(a.data)
     ids = record_ids(records, a.data)  # over the whole file: the trainers key the same records the same way
-    plans, bad = [], {}
     planned = ids[: a.max_samples]
-    for rec, sid in list(zip(records, ids, strict=True))[: a.max_samples]:
-        try:
-            plans.append(plan_sample(rec, teacher, student, a.image_root, sid))
-        except (BadSample, ValueError) as e:
-            bad[sid] = str(e)
-    if vocab_fingerprint(teacher.tokenizer) != vocab_fingerprint(student.tokenizer):
-        for p in plans:
-            p.same_next = []  # ids of two vocabularies never compare, even where the numbers happen to be equal
-    hidden = teacher.model.config.text_config.hidden_size
-    s_grid = scfg.vision.grid
-    units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in plans)
+    manifest = targets_manifest(teacher, student, layers, a.logits_topk)
+    hidden = manifest["hidden_size"]
     width = min(a.pca, hidden) if a.pca else hidden
-    print(
-        f"{len(plans)} samples ({len(bad)} skipped), {units:,} aligned units x {len(layers)} layers x {width} "
-        f"-> about {units * len(layers) * width * 2 / 1e9:.2f} GB on disk (fp16{', PCA' if a.pca else ''})"
-    )
-    manifest = {
-        "teacher": str(a.teacher),
-        "teacher_layers": teacher.model.config.text_config.num_hidden_layers,  # for the relative-depth layer map
-        "layers": layers,
-        "normalisation": "layernorm",
-        "hidden_size": hidden,
-        "student_tokenizer": tokenizer_fingerprint(student.tokenizer, student.chat_template),
-        "teacher_grid": teacher.grid,
-        "student_grid": s_grid,
-        "student_strategy": scfg.vision_feature_select_strategy,
-        "geometry": "teacher padded to square, student stretched",
-        "dtype": "float16",
-        "teacher_vocab": vocab_fingerprint(teacher.tokenizer),
-        # what the cache was made from: a resume with other inputs is refused (or, --max-samples, redone)
-        "data": file_fingerprint(a.data),
-        "image_root": str(Path(a.image_root).resolve()) if a.image_root else None,
-        "teacher_dtype": str(teacher.model.dtype).removeprefix("torch."),
-        "load_4bit": bool(a.load_4bit),
-        "max_samples": a.max_samples,
-    }
-    vocab_size = teacher.model.config.text_config.vocab_size  # the LM head's width (may exceed the tokenizer)
-    if a.logits_topk:
-        ends = Counter(e for p in plans for e in p.ends)
-        manifest["logits"] = {
-            "topk": min(a.logits_topk, vocab_size),
-            "units": "every aligned text unit, then the last prompt token before each answer (same_next: units "
-            "whose next token is the same in both; strip_space: the teacher's next token carries a leading space)",
-            "tokens": TOKENS_FILE,
-            "vocab_size": vocab_size,
-            # the tokens that follow an answer in each template (e.g. </s> and <|im_end|>): the same event
-            "end_of_turn": list(ends.most_common(1)[0][0]) if ends else None,
+    manifest.update(
+        {
+            # what the cache was made from: a resume with other inputs is refused (--overwrite replaces it)
+            "data": data_fingerprint(a.data),
+            "data_path": str(a.data),
+            "image_root": str(Path(a.image_root).resolve()) if a.image_root else None,
+            "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
+            "load_4bit": bool(a.load_4bit),
+            "max_samples": a.max_samples,
         }
+    )
     if a.pca:
         manifest["pca"] = width
-    writer = CacheWriter(a.out, manifest, a.per_shard)
-    if a.logits_topk:
-        writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab_size)), fallback_ids(teacher.tokenizer))
+    # refused before anything loads, on every rank alike: a cache made from other inputs (unless --overwrite)
+    replace = check_resume(a.out, full_manifest(manifest, a.per_shard), a.overwrite)
+    same_vocab = vocab_fingerprint(teacher.tokenizer) == vocab_fingerprint(student.tokenizer)
+
+    # the size, before any weight loads: plan the first records, extrapolate to the planned and the whole data
+    bad: dict[str, str] = {}
+    n_probe = min(ESTIMATE_SAMPLES, len(planned))
+    probe = _plans(records, ids, range(n_probe), teacher, student, a.image_root, {}, same_vocab)
+    per = estimate(probe, n_probe, a.logits_topk, layers, width, s_grid)
+    basis = len(layers) * (width + 1) * hidden * 4 if a.pca else 0
+    need, whole = per * len(planned) + basis, per * len(records) + basis
+    units = sum(len(p.pairs) + (s_grid * s_grid if p.image else 0) for p in probe) / max(len(probe), 1)
+    have = 0 if replace else sum(p.stat().st_size for p in Path(a.out).glob("shard-*.safetensors"))
+    say(
+        f"{len(planned):,} of {len(records):,} records planned; from the first {n_probe}: {units:,.0f} units a sample "
+        f"x {len(layers)} layer(s) x {width} (fp16{', PCA' if a.pca else ''}) -> about {human(need)} on disk for them "
+        f"(the whole data: {human(whole)}); {human(free_bytes(a.out))} free at {a.out}"
+    )
+    check_space(a.out, max(0, int(need - have)), f"the cache ({len(planned):,} samples)")
+
+    # open the cache: rank 0 first (it replaces an old one with --overwrite), then the others attach
+    if rank == 0:
+        writer = CacheWriter(a.out, manifest, a.per_shard, overwrite=a.overwrite)
+    barrier()
+    if rank != 0:
+        writer = CacheWriter(a.out, manifest, a.per_shard)
+    shard_ids = [planned[i : i + a.per_shard] for i in range(0, len(planned), a.per_shard)]
+    mine = [k for k in range(len(shard_ids)) if k % world == rank]
+    todo = [k for k in mine if not writer.shard_done(k, shard_ids[k])]
+    needs_basis = bool(a.pca) and not writer.has_basis()
+    if not todo and not needs_basis:
+        say(f"every planned shard is already in {a.out}: nothing to extract")
+    else:
+        teacher.load_model()
+        if teacher.device == "cpu":
+            say("extract: no CUDA device: running the teacher in float32 on the CPU (no 4-bit, no FlashAttention-2)")
+    if a.logits_topk and rank == 0:
+        vocab = teacher.config.text_config.vocab_size
+        if todo or not (writer.root / TOKENS_FILE).is_file():  # a finished cache is left as it is
+            writer.write_tokens(encode_tokens(token_bytes(teacher.tokenizer, vocab)), fallback_ids(teacher.tokenizer))
         shared = shared_vocab_of(teacher.tokenizer, student.tokenizer)
-        print(
+        say(
             f"teacher logits: top-{manifest['logits']['topk']} per aligned unit; {len(shared):,} of the teacher's "
             f"{shared.n_teacher:,} text tokens ({shared.coverage:.1%}) have an equal-string student token"
         )
-    if a.pca and not writer.has_basis():
-        writer.set_basis(fit_basis(teacher, plans[: a.pca_samples], layers, s_grid, width, a.batch_size))
-    # shards are cut from the planned ids (skipped ones included), so a resume over other inputs redoes them
-    shard_ids = [planned[i : i + a.per_shard] for i in range(0, len(planned), a.per_shard)]
-    writer.keep_shards(len(shard_ids))
-    by_id = {p.sid: p for p in plans}
-    bar = tqdm(total=len(plans), desc="extract", unit="sample")
-    for k, sids in enumerate(shard_ids):
-        shard = [by_id[sid] for sid in sids if sid in by_id]
-        if writer.shard_done(k, sids):
-            bar.update(len(shard))
-            continue
-        entries = {}
-        for batch, pixels in prefetched(teacher, shard, a.batch_size, bad):
-            entries.update(extract_batch(teacher, batch, layers, s_grid, bad, a.logits_topk, pixels))
+    if needs_basis:
+        if rank == 0:
+            fit = _plans(records, ids, range(min(a.pca_samples, len(planned))), teacher, student, a.image_root, {},
+                         same_vocab)  # fmt: skip
+            writer.set_basis(fit_basis(teacher, fit, layers, s_grid, width, a.batch_size))
+        barrier()
+        if rank != 0:
+            writer.load_basis()
+    by_pos = {sid: i for i, sid in enumerate(ids)}
+    bar = tqdm(total=sum(len(shard_ids[k]) for k in todo), desc=f"extract (rank {rank})", unit="sample")
+    for k in todo:
+        plans = _plans(records, ids, [by_pos[s] for s in shard_ids[k]], teacher, student, a.image_root, bad,
+                       same_vocab)  # fmt: skip
+        packed = {}
+        for batch, pixels in prefetched(teacher, plans, a.batch_size, bad):
+            for sid, e in teacher_targets(teacher, batch, layers, s_grid, bad, a.logits_topk, pixels).items():
+                packed[sid] = writer.pack(sid, e)  # buffered as stored (fp16 / PCA), not float32
             bar.update(len(batch))
-        writer.write_shard(k, entries, sids)
+        writer.write_packed(k, packed, shard_ids[k])
+        bar.update(len(shard_ids[k]) - len(plans))
     bar.close()
+    barrier()  # every rank's shards are written: the manifest says so once
+    if rank == 0:
+        import json
+
+        n = sum(len(json.loads(p.read_text()).get("entries", {})) for p in writer.root.glob("shard-*.json"))
+        writer.update_manifest(samples=n, shards=len(list(writer.root.glob("shard-*.json"))))
     if bad:
         print(f"skipped {len(bad)}: " + "; ".join(f"{k} ({v})" for k, v in list(bad.items())[:5]))
-    print(f"cache: {a.out}")
+    say(f"cache: {a.out}")
     return 0
 
 
@@ -240,9 +228,9 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
 
     from bonsai_mlx.core.teacher_cache import PcaFit
 
-    fits = {L: PcaFit(teacher.model.config.text_config.hidden_size) for L in layers}
+    fits = {L: PcaFit(teacher.config.text_config.hidden_size) for L in layers}
     for i in tqdm(range(0, len(plans), batch_size), desc="fitting PCA", unit="batch"):
-        for e in extract_batch(teacher, plans[i : i + batch_size], layers, s_grid, {}).values():
+        for e in teacher_targets(teacher, plans[i : i + batch_size], layers, s_grid, {}).values():
             for L in layers:
                 fits[L].add(e.text[L])
                 if L in e.image:
@@ -253,95 +241,6 @@ def fit_basis(teacher: Teacher, plans: list[Plan], layers: list[int], s_grid: in
         basis[L] = (mean, comps)
         print(f"PCA layer {L}: {k} components keep {kept:.1%} of the variance")
     return basis
-
-
-def load_pixels(teacher: Teacher, batch: list[Plan], bad: dict) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
-    """{sid: (teacher pixel values, original (width, height))} for the batch's images; failures go to `bad`."""
-    out = {}
-    for p in batch:
-        if p.image:
-            try:
-                im = load_image(p.image)
-                out[p.sid] = (teacher.pixel_values(im)[0], im.size)
-            except ImageError as e:
-                bad[p.sid] = str(e)
-    return out
-
-
-def prefetched(teacher: Teacher, plans: list[Plan], batch_size: int, bad: dict):
-    """(batch, its decoded images), decoding the next batch's images in a thread while this one runs."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    batches = [plans[i : i + batch_size] for i in range(0, len(plans), batch_size)]
-    if not batches:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(load_pixels, teacher, batches[0], bad)
-        for i, batch in enumerate(batches):
-            pixels = nxt.result()
-            if i + 1 < len(batches):
-                nxt = pool.submit(load_pixels, teacher, batches[i + 1], bad)
-            yield batch, pixels
-
-
-def pool_images(teacher: Teacher, states, rows: list[int], positions: list[list[int]], sizes, s_grid: int):
-    """Teacher image states of batch rows `rows` -> (N, s_grid^2, D) at the student's patches, on the
-    teacher's device in one batched pair of matmuls (per-image weights: each image has its own shape)."""
-    import torch
-
-    dev = states.device
-    g = teacher.grid
-    img = torch.stack([states[b, pos] for b, pos in zip(rows, positions, strict=True)])  # (N, tokens, D)
-    grid = teacher.patch_states(img).reshape(len(rows), g, g, -1)
-    w = [grid_weights(g, s_grid, size) for size in sizes]
-    r = torch.tensor(np.stack([x for x, _ in w]), dtype=torch.float32, device=dev)  # (N, s, g)
-    c = torch.tensor(np.stack([y for _, y in w]), dtype=torch.float32, device=dev)
-    t = torch.einsum("nia,nabd->nibd", r, grid)
-    return torch.einsum("njb,nibd->nijd", c, t).reshape(len(rows), s_grid * s_grid, -1)
-
-
-def extract_batch(
-    teacher: Teacher,
-    batch: list[Plan],
-    layers: list[int],
-    s_grid: int,
-    bad: dict,
-    topk: int = 0,
-    pixels: dict | None = None,
-) -> dict[str, Entry]:
-    if pixels is None:
-        pixels = load_pixels(teacher, batch, bad)
-    ok = [p for p in batch if not p.image or p.sid in pixels]
-    if not ok:
-        return {}
-    # text-only and image samples go in separate forwards (the teacher takes one pixel tensor per call)
-    out = {}
-    for group in ([p for p in ok if p.image], [p for p in ok if not p.image]):
-        if not group:
-            continue
-        px = np.stack([pixels[p.sid][0] for p in group]) if group[0].image else None
-        states, top = teacher.forward([p.t_ids for p in group], px, layers, topk)
-        pooled = {}
-        if px is not None:
-            pos = [[i for i, t in enumerate(p.t_ids) if t == teacher.image_token_id] for p in group]
-            sizes = [pixels[p.sid][1] for p in group]
-            for L, st in zip(layers, states, strict=True):
-                pooled[L] = pool_images(teacher, st, list(range(len(group))), pos, sizes, s_grid).cpu().numpy()
-        for b, p in enumerate(group):
-            at = [t for t, _ in p.pairs]
-            text = {L: st[b, at].cpu().numpy() for L, st in zip(layers, states, strict=True)}
-            image = {L: pooled[L][b] for L in pooled}
-            e = out[p.sid] = Entry([s for _, s in p.pairs], at, text, image)
-            if top is not None:  # aligned units and answer starts; same-vocab KL uses those whose next token is shared
-                kat = at + [t for t, _, _ in p.starts]
-                e.kl_teacher_pos = kat
-                e.kl_student_pos = [s for _, s in p.pairs] + [s for _, s, _ in p.starts]
-                e.same_next = list(p.same_next)
-                e.strip_space = [len(p.pairs) + j for j, (_, _, strip) in enumerate(p.starts) if strip]
-                e.topk_logits = top[0][b, kat].cpu().numpy()
-                e.topk_ids = top[1][b, kat].cpu().numpy().astype(np.int32)
-                e.topk_lse = top[2][b, kat].cpu().numpy().astype(np.float32)
-    return out
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ class StudentStep(nn.Module):
         shared = plan.normaliser_ids if plan is not None and plan.shared is not None else np.zeros(0, np.int64)
         self.register_buffer("shared_ids", torch.tensor(shared, dtype=torch.long), persistent=False)
 
-    def forward(self, input_ids, positions, targets, batch, frac: float = 0.0, pixel_values=None) -> dict:
+    def forward(self, input_ids, positions, targets, batch, frac: float = 0.0, pixel_values=None, cache=None) -> dict:
+        """`cache`: this batch's targets from an online teacher (train_cuda.online_teacher), else the run's cache."""
         from bonsai_mlx.core.distill_targets import gather_targets
 
         llava = self.model.base_model.model  # LlavaForConditionalGeneration (LoRA layers inside)
@@ -157,7 +158,7 @@ class StudentStep(nn.Module):
         layers = [t for t, _ in self.aligners.pairs]
         d = {
             k: torch.tensor(v, device=dev)
-            for k, v in gather_targets(self.cache, batch, self.image_token_id, layers, self.plan).items()
+            for k, v in gather_targets(cache or self.cache, batch, self.image_token_id, layers, self.plan).items()
         }
         for k in ("text_pos", "image_pos", "kl_pos"):
             if k in d:

@@ -8,21 +8,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from bonsai_mlx.core.align import pad_to_square
+from bonsai_mlx.core.errors import UserError
+from bonsai_mlx.core.processing import pad_id_of
 
 IMAGE = "<image>"
 
 
-def device_and_dtype(dtype: str | None = None):
+def device_and_dtype(dtype: str | None = None, device: str | None = None):
+    """(device, compute dtype): the given device (a rank's "cuda:N") or cuda:0 when there is a GPU, in bfloat16
+    unless told; the CPU in float32."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", getattr(torch, dtype or "bfloat16")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
+        return str(device), getattr(torch, dtype or "bfloat16")
     return "cpu", torch.float32
 
 
 @dataclass
 class Teacher:
-    model: object
+    model: object  # None until `load_model`: prompts, ids and the manifest need only the tokenizer and config
     tokenizer: object
     image_processor: object
     chat_template: str
@@ -33,24 +39,30 @@ class Teacher:
     # image token j shows patch j - patch_offset: 1 for a CLS the teacher keeps ("full" on CLIP), 0 for CLIP
     # "default", -1 for SigLIP "default" (no CLS, so dropping the first token drops patch 0)
     patch_offset: int = 0
+    config: object = None
+    path: str | None = None  # as the user named it (a directory or hub id)
+    dtype: object = None
+    load_4bit: bool = False
+    dir: str | None = None  # where its files are
 
     @classmethod
-    def load(cls, path: str, dtype: str | None = None, load_4bit: bool = False) -> Teacher:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    def load(
+        cls,
+        path: str,
+        dtype: str | None = None,
+        load_4bit: bool = False,
+        device: str | None = None,
+        weights: bool = True,
+    ) -> Teacher:
+        """The teacher's tokenizer, template, image processor and config; its weights too unless `weights=False`
+        (then `load_model` later: inputs can be checked and planned before gigabytes load)."""
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
         from bonsai_mlx.core.hub import resolve
 
         d = resolve(path)
-        device, torch_dtype = device_and_dtype(dtype)
-        kw: dict = {"dtype": torch_dtype}
-        if device == "cuda":
-            from train_cuda.precision import attn_implementation, nf4_config
-
-            kw["device_map"] = {"": 0}
-            kw["attn_implementation"] = attn_implementation(True)
-            if load_4bit:  # the LM only: the vision tower and projector stay in torch_dtype
-                kw["quantization_config"] = nf4_config(torch_dtype)
-        model = LlavaForConditionalGeneration.from_pretrained(str(d), **kw).eval()
+        device, torch_dtype = device_and_dtype(dtype, device)
+        cfg = AutoConfig.from_pretrained(str(d))
         tok = AutoTokenizer.from_pretrained(str(d))
         ip = AutoImageProcessor.from_pretrained(str(d), backend="pil")
         template = tok.chat_template
@@ -58,10 +70,38 @@ class Teacher:
             template = json.loads((d / "chat_template.json").read_text())["chat_template"]
         if not template and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text()
-        n_img, grid, offset = image_tokens(model)
-        return cls(model, tok, ip, template, model.config.image_token_index, n_img, grid, device, offset)
+        n_img, grid, offset = image_tokens_of_config(cfg)
+        t = cls(None, tok, ip, template, cfg.image_token_index, n_img, grid, device, offset, cfg, str(path))
+        t.dtype, t.load_4bit, t.dir = torch_dtype, load_4bit, str(d)
+        if weights:
+            t.load_model()
+        return t
 
-    def render(self, msgs: list[dict]) -> str:
+    def load_model(self) -> Teacher:
+        """The weights, in eval mode, on this teacher's device (NF4 LM with `load_4bit` on CUDA; SDPA or
+        FlashAttention-2 there). Checks that the tower makes as many image tokens as the config promised."""
+        from transformers import LlavaForConditionalGeneration
+
+        if self.model is not None:
+            return self
+        kw: dict = {"dtype": self.dtype}
+        if self.device.startswith("cuda"):
+            from train_cuda.precision import attn_implementation, nf4_config
+
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            kw["device_map"] = {"": index}
+            kw["attn_implementation"] = attn_implementation(True)
+            if self.load_4bit:  # the LM only: the vision tower and projector stay in the compute dtype
+                kw["quantization_config"] = nf4_config(self.dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(self.dir, **kw).eval()
+        got = image_tokens(model)
+        if got != (self.num_image_tokens, self.grid, self.patch_offset):
+            raise UserError(f"{self.path}: the vision tower gives {got} image tokens/grid/offset, config said "
+                             f"{(self.num_image_tokens, self.grid, self.patch_offset)}")  # fmt: skip
+        self.model = model
+        return self
+
+    def render(self, msgs: list[dict], add_generation_prompt: bool = False) -> str:
         """The teacher's own prompt format; <image> expanded to its image-token count."""
         conv = []
         for m in msgs:
@@ -71,14 +111,19 @@ class Teacher:
             else:
                 parts = [{"type": "text", "text": text}]
             conv.append({"role": m["role"], "content": parts})
+        kw = {"chat_template": self.chat_template, "tokenize": False, "add_generation_prompt": add_generation_prompt}
         try:
-            text = self.tokenizer.apply_chat_template(conv, chat_template=self.chat_template, tokenize=False)
+            text = self.tokenizer.apply_chat_template(conv, **kw)
         except TypeError:  # a template that wants plain-string content (<image> stays in the text)
-            text = self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False)
+            text = self.tokenizer.apply_chat_template(msgs, **kw)
         return text.replace(IMAGE, IMAGE * self.num_image_tokens)
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        """Ids and character offsets as the teacher's own processor makes them: its tokenizer's special tokens
+        (Llama's BOS) added unless the template already wrote them (as `ProcessorMixin.apply_chat_template`)."""
+        bos = self.tokenizer.bos_token
+        add = not (bos and text.startswith(bos))
+        enc = self.tokenizer(text, add_special_tokens=add, return_offsets_mapping=True)
         return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
     def pixel_values(self, image) -> np.ndarray:
@@ -105,28 +150,49 @@ class Teacher:
         first = image_states[..., :1, :]
         return torch.cat([first] * -self.patch_offset + [image_states], dim=-2)
 
-    def forward(self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int], topk: int = 0):
-        """As `hidden_states`, as float32 tensors on the teacher's device (so pooling can run there)."""
+    def forward(self, ids: list[list[int]], pixels: np.ndarray | None, layers: list[int], topk: int = 0, at=None):
+        """As `hidden_states`, as float32 tensors on the teacher's device (so pooling can run there). With `at`
+        (positions per row), the top-k come as one (values, ids, lse) per row at those positions only: the LM
+        head then runs there alone, not over every position and the whole vocabulary."""
         import torch
         import torch.nn.functional as F
 
         L = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id or 0
+        pad = pad_id_of(self.tokenizer)
         inp = torch.tensor([x + [pad] * (L - len(x)) for x in ids], device=self.device)
         kw = {}
         if pixels is not None:
-            kw["pixel_values"] = torch.tensor(pixels, device=self.device, dtype=self.model.dtype)
+            kw["pixel_values"] = torch.as_tensor(pixels).to(self.device, self.model.dtype)
         with torch.no_grad():
             # no attention mask: with right padding the causal mask alone gives every real position the same
             # states, and without a dense mask SDPA can use its flash kernel (padded positions are never read)
-            out = self.model(input_ids=inp, output_hidden_states=True, **kw)
-        hs = out.hidden_states
-        states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]) for k in layers]
-        if not topk:
-            return states, None
-        logits = out.logits.float()
-        values, ids = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-        return states, (values, ids, torch.logsumexp(logits, dim=-1))
+            if at is None:
+                out = self.model(input_ids=inp, output_hidden_states=True, **kw)
+            else:
+                out = self.model.model(input_ids=inp, output_hidden_states=True, **kw)
+            hs = out.hidden_states
+            states = [F.layer_norm(hs[k].float(), hs[k].shape[-1:]) for k in layers]
+            if not topk:
+                return states, None
+            if at is None:
+                logits = out.logits.float()
+                values, idx = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+                return states, (values, idx, torch.logsumexp(logits, dim=-1))
+            rows = []
+            for b, pos in enumerate(at):
+                logits = self.model.lm_head(out.last_hidden_state[b, list(pos)]).float()
+                values, idx = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+                rows.append((values, idx, torch.logsumexp(logits, dim=-1)))
+            return states, rows
+
+
+def image_tokens_of_config(cfg) -> tuple[int, int, int]:
+    """`image_tokens` from the config alone (no weights): CLIP towers have a CLS position, SigLIP none."""
+    vc = cfg.vision_config
+    grid = vc.image_size // vc.patch_size
+    extra = 0 if "siglip" in str(getattr(vc, "model_type", "")) else 1
+    drop = 1 if cfg.vision_feature_select_strategy == "default" else 0
+    return grid * grid + extra - drop, grid, extra - drop
 
 
 def image_tokens(model) -> tuple[int, int, int]:
@@ -141,18 +207,6 @@ def image_tokens(model) -> tuple[int, int, int]:
     extra = positions - grid * grid  # leading non-patch tokens (CLS)
     drop = 1 if cfg.vision_feature_select_strategy == "default" else 0
     return positions - drop, grid, extra - drop
-
-
-def answer_spans(text: str, answers: list[str]) -> list[tuple[int, int]]:
-    """Character spans of each answer, found in order in a rendered conversation."""
-    spans, at = [], 0
-    for a in answers:
-        i = text.find(a, at)
-        if i < 0:
-            raise ValueError(f"answer {a[:40]!r} not found in the rendered prompt")
-        spans.append((i, i + len(a)))
-        at = i + len(a)
-    return spans
 
 
 def student_image_positions(ids: list[int], image_token_id: int) -> list[int]:

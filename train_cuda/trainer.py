@@ -31,7 +31,7 @@ MLX_ONLY = (
     "vision_lr",
 )
 DISTILL_ONLY = ("teacher_cache", "alpha", "alpha_end", "feat_loss", "layer_map", "kl", "kl_mode", "kl_weight")
-DISTILL_ONLY += ("kl_temperature",)
+DISTILL_ONLY += ("kl_temperature", "teacher", "teacher_4bit", "teacher_layers", "logits_topk")
 
 
 def parser(prog: str, doc: str | None, distill: bool) -> argparse.ArgumentParser:
@@ -55,10 +55,11 @@ def config_from_args(args: argparse.Namespace, distill: bool) -> TrainConfig:
         base = read_state(ck)["config"]
         check_resume(ck, base, flags)
     cfg = TrainConfig.from_dict({**base, **flags})
-    for need in ("model", "data") + (("teacher_cache",) if distill else ()):
+    for need in ("model", "data"):
         if not getattr(cfg, need):
-            flag = "--student" if need == "model" else "--" + need.replace("_", "-")
-            raise UserError(f"{flag} is required")
+            raise UserError(f"{'--student' if need == 'model' else '--data'} is required")
+    if distill and bool(cfg.teacher) == bool(cfg.teacher_cache):
+        raise UserError("give one of --teacher (online, on the GPU) or --teacher-cache (made by train_cuda.extract)")
     if cfg.dtype == "float16":
         raise UserError("--dtype float16 is not supported on the CUDA side (bfloat16 has float32's range)")
     return cfg
@@ -80,7 +81,37 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if bf16 else "no")
     scfg = PicoConfig.load(cfg.model)
     proc = Processor(cfg.model, scfg)
+    records = read_records(cfg.data)
+    ds = Dataset.build(records, proc, cfg.image_root, cfg.max_length)
+    acc.print(f"train data: {ds.summary()}")
+    aligners = cache = plan = online = None
+    if distill:
+        from bonsai_mlx.core.distill_targets import cache_layer_map, open_teacher_cache, plan_logits
+
+        if cfg.teacher:  # online: the teacher's no-grad forward inside each step, through extract's target path
+            from bonsai_mlx.core.records import record_ids
+            from train_cuda.online_teacher import OnlineTeacher
+
+            layers = [int(x) for x in cfg.teacher_layers.split(",") if x.strip()]
+            online = OnlineTeacher(
+                cfg.teacher, proc, layers, cfg.image_root, cfg.logits_topk, cfg.teacher_4bit, device=str(acc.device)
+            )
+            by_id = dict(zip(record_ids(records), records, strict=True))
+            # what the setup reads (layer map, logit plan) from a sample of the data, as from a cache
+            sample = [e.id for e in ds.examples[:64]]
+            cache = online.view([by_id[i] for i in sample], sample)
+            acc.print(
+                f"distill: online teacher {cfg.teacher} (layers {layers}{', NF4 LM' if cfg.teacher_4bit else ''})"
+            )
+        else:
+            cache, ds.examples = open_teacher_cache(cfg, proc, ds.examples, acc.print)
+        if cfg.kl or cfg.kl_mode != "auto":  # naming a mode asks for the logit term too
+            plan = plan_logits(cache, proc.tokenizer, cfg.kl_mode)
+            acc.print("distill: " + plan.describe())
+        pairs = cache_layer_map(cfg.layer_map, cache, scfg.text.num_hidden_layers, scfg.vision.grid)
+        acc.print("layer map (teacher:student): " + ",".join(f"{t}:{s}" for t, s in pairs))
     targets = tuple(t for t in cfg.lora_targets.split(",") if t)
+    set_seed(cfg.seed)  # LoRA and aligner init do not depend on what loaded before (an online teacher)
     model, notes = load_student(
         cfg.model,
         cfg.lora_rank,
@@ -91,25 +122,7 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
         bf16=bf16,
     )
     acc.print("student: " + "; ".join(notes))
-    ds = Dataset.build(read_records(cfg.data), proc, cfg.image_root, cfg.max_length)
-    acc.print(f"train data: {ds.summary()}")
-    aligners = cache = plan = None
     if distill:
-        from bonsai_mlx.core.distill_targets import cache_layer_map
-        from bonsai_mlx.core.teacher_cache import CacheReader
-
-        cache = CacheReader(cfg.teacher_cache, proc.tokenizer, proc.chat_template)
-        if cfg.kl or cfg.kl_mode != "auto":  # naming a mode asks for the logit term too
-            from bonsai_mlx.core.distill_targets import plan_logits
-
-            plan = plan_logits(cache, proc.tokenizer, cfg.kl_mode)
-            acc.print("distill: " + plan.describe())
-        missing = [e.id for e in ds.examples if e.id not in cache]
-        if missing:
-            acc.print(f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); skipped")
-        ds.examples = [e for e in ds.examples if e.id in cache]
-        pairs = cache_layer_map(cfg.layer_map, cache, scfg.text.num_hidden_layers, scfg.vision.grid)
-        acc.print("layer map (teacher:student): " + ",".join(f"{t}:{s}" for t, s in pairs))
         aligners = Aligners(pairs, scfg.text.hidden_size, cache.manifest["hidden_size"])
     step_module = StudentStep(model, aligners, cfg if distill else None, proc.image_token_id, cache, plan)
     step_module.to(acc.device)
@@ -153,8 +166,11 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
         micro = k + 1
         if not b.ids:
             continue
+        kw = {}
+        if online is not None:  # the teacher's targets for this micro-batch (no grad; its own rank's device)
+            kw["cache"] = online.view([by_id[i] for i in b.ids], b.ids)
         with acc.accumulate(wrapped):
-            parts = wrapped(**step_inputs(b, acc.device), frac=step / max(1, total - 1))
+            parts = wrapped(**step_inputs(b, acc.device), frac=step / max(1, total - 1), **kw)
             acc.backward(parts["loss"])
             if acc.sync_gradients and cfg.grad_clip:
                 acc.clip_grad_norm_(params, cfg.grad_clip)

@@ -19,24 +19,25 @@ from PIL import Image
 FEAT_LOSSES = ("mse", "cosine")
 
 
-def token_ends(offsets: list[tuple[int, int]], span: tuple[int, int]) -> dict[int, int]:
-    """{end character relative to span start: token index} for non-empty tokens inside `span`."""
+def token_ends(offsets: list[tuple[int, int]], span: tuple[int, int], lead: int = 0) -> dict[int, int]:
+    """{end character relative to span start: token index} for non-empty tokens ending inside `span`; a token
+    may start up to `lead` characters before it (the space a template puts before an answer: Llama's "▁A")."""
     lo, hi = span
     out = {}
     for i, (s, e) in enumerate(offsets):
-        if e > s and s >= lo and e <= hi:
+        if e > s and s >= lo - lead and lo < e <= hi:
             out[e - lo] = i
     return out
 
 
-def text_units(t_offsets, t_span, s_offsets, s_span) -> list[tuple[int, int]]:
+def text_units(t_offsets, t_span, s_offsets, s_span, t_lead: int = 0, s_lead: int = 0) -> list[tuple[int, int]]:
     """(teacher position, student position) pairs whose tokens end at the same character of the shared text.
 
     `*_offsets` are each tokenization's (start, end) character offsets in its own rendered prompt;
     `*_span` is where the shared text (e.g. the answer) sits in that prompt. The two spans must hold
-    the same string.
+    the same string. `*_lead`: whitespace before the span that a token may also cover (see `token_ends`).
     """
-    t_end, s_end = token_ends(t_offsets, t_span), token_ends(s_offsets, s_span)
+    t_end, s_end = token_ends(t_offsets, t_span, t_lead), token_ends(s_offsets, s_span, s_lead)
     return [(t_end[c], s_end[c]) for c in sorted(set(t_end) & set(s_end))]
 
 

@@ -62,7 +62,7 @@ def add_options(
             default = f.default_factory()
         else:
             default = None
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         if default not in (None, "", False) and not suppress and tp is not bool:
             help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         kw: dict[str, Any] = {"dest": f.name, "help": help_text}

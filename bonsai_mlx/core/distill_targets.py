@@ -200,3 +200,19 @@ def _coverage(cache: CacheReader, plan: LogitPlan, sample: int) -> tuple[float, 
     if all(x is not None for x in lse):
         mass = float(np.exp(logits - np.concatenate(lse)[:, None]).sum(-1).mean())
     return kept, mass
+
+
+def open_teacher_cache(cfg, proc, examples: list, log=print):
+    """Both trainers' way into a cache: open it, refuse one made from other data, another image root or edited
+    records (one line), and keep only the samples it holds. Returns (cache, the examples to train on)."""
+    from bonsai_mlx.core.teacher_cache import CacheReader
+
+    cache = CacheReader(cfg.teacher_cache, proc.tokenizer, proc.chat_template)
+    note = cache.check_data(cfg.data, cfg.image_root)
+    if note:
+        log("distill: " + note)
+    cache.check_samples((e.id, e.ids) for e in examples)
+    missing = [e.id for e in examples if e.id not in cache]
+    if missing:
+        log(f"distill: {len(missing)} training samples are not in the cache (e.g. {missing[0]}); training without them")
+    return cache, [e for e in examples if e.id in cache]

@@ -28,6 +28,12 @@ def _text_of(content: str | list) -> str:
     return "".join(images + [part.get("text", "") for part in content if part.get("type") == "text"])
 
 
+def pad_id_of(tokenizer) -> int:
+    """What batches are padded with (never attended to, never a label): the tokenizer's pad token, else 0. The
+    one spelling of it, for the student's processor and the teacher's tokenizer alike."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 class Processor:
     """Tokenizer + image processor + chat template of one model directory."""
 
@@ -53,7 +59,7 @@ class Processor:
             raise ConfigError(f"{self.dir}: no chat template in tokenizer_config.json or chat_template.jinja/json")
         self.stop_ids = self._stop_ids()
         # what batches are padded with (never attended to, never a label): the tokenizer's pad token, else 0
-        self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pad_id: int = pad_id_of(self.tokenizer)
 
     def _processor_template(self) -> str | None:
         if (self.dir / "chat_template.jinja").is_file():

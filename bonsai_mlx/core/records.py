@@ -145,6 +145,30 @@ def tokenize(
     return ids, labels, truncated
 
 
+def answer_spans(render, msgs: list[dict]) -> list[tuple[int, int, int]]:
+    """(start, end, lead) of each assistant answer in `render(msgs, False)`, found after the generation prompt of
+    its own turn (as `tokenize` splits it), never earlier: "A" or "yes" also occur in prompts ("ASSISTANT",
+    Qwen's "Alibaba", a multiple-choice question). `lead` = whitespace the template puts between its generation
+    prompt and the answer (Llava-1.5's "ASSISTANT:" + " A"): a token may start there and still end in the answer.
+
+    `render(messages, add_generation_prompt)` is a processor's or the teacher's own rendering."""
+    full = render(msgs, False)
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(msgs[:k], True)
+        turn = render(msgs[: k + 1], False)
+        if not turn.startswith(prefix) or not full.startswith(turn):
+            raise UserError("the chat template does not render conversations prefix-stably; cannot place answers")
+        at = turn.find(m["content"], len(prefix))
+        if at < 0:
+            raise BadSample(f"answer {m['content'][:40]!r} not found after its turn's generation prompt")
+        gap = turn[len(prefix) : at]
+        spans.append((at, at + len(m["content"]), len(gap) - len(gap.rstrip())))
+    return spans
+
+
 def check_image_tokens(processor, ids: list[int], n_images: int, truncated: bool = False) -> None:
     """Every built example must hold exactly n_images blocks of image tokens, or the model cannot place the
     image features: a mismatch is a BadSample here instead of a crash mid-run."""

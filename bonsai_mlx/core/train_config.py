@@ -21,6 +21,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 PROJECTOR_LR_RATIO = 0.1
 
 DISTILL = "distill: "
+# the online teacher is a PyTorch model: only train_cuda.distill runs it (MLX distils from a cache)
+CUDA_ONLY = ("teacher", "teacher_4bit", "teacher_layers", "logits_topk")
 
 
 @dataclass
@@ -61,7 +63,7 @@ class TrainConfig:
     max_length: int = opt(1024, "tokens per sample (longer ones are truncated, counted)")
     group_by_length: bool = opt(True, "batch similar lengths together (less padding)")
     grad_checkpoint: bool | None = opt(
-        None, "recompute layers in backward: less memory, 20-30%% more time (default: on with CUDA, off in MLX)"
+        None, "recompute layers in backward: less memory, 20-30% more time (default: on with CUDA, off in MLX)"
     )
     compile: bool = opt(True, "MLX: compile the training step (mx.compile); --no-compile runs it eagerly")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -79,6 +81,14 @@ class TrainConfig:
     teacher_cache: str | None = opt(
         None, "teacher hidden-state cache (train_cuda.extract): --stage distill, or any stage plus the teacher loss"
     )
+    teacher: str | None = opt(
+        None,
+        DISTILL + "CUDA: run this Llava teacher (directory or hub id) online, a no-grad forward inside each step, "
+        "instead of reading --teacher-cache",
+    )
+    teacher_4bit: bool = opt(False, DISTILL + "CUDA, online teacher: its LM in NF4 (bitsandbytes)")
+    teacher_layers: str = opt("-1", DISTILL + "online teacher: its hidden_states indices to distil, e.g. -1,16")
+    logits_topk: int = opt(0, DISTILL + "online teacher: its top-K logits per unit, for --kl (a cache stores them)")
     alpha: float = opt(0.5, DISTILL + "weight of the feature loss")
     alpha_end: float | None = opt(None, DISTILL + "alpha decays linearly to this")
     feat_loss: str = opt("mse", DISTILL + "distance to the teacher states", choices=FEAT_LOSSES)

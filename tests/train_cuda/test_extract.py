@@ -60,7 +60,7 @@ def _extract(teacher_dir, pico_dir, data, out, *extra, layers="-1,1"):
 
 def test_extract_cache_round_trip(teacher_dir, pico_dir, data, tmp_path, capsys):
     assert _extract(teacher_dir, pico_dir, data, tmp_path / "cache") == 0
-    assert "GB on disk" in capsys.readouterr().out
+    assert "on disk" in capsys.readouterr().out
     proc = Processor(pico_dir, PicoConfig.load(pico_dir))
     cache = CacheReader(tmp_path / "cache", proc.tokenizer)
     assert len(cache) == 6 and cache.manifest["layers"] == [-1, 1]
@@ -273,8 +273,23 @@ def test_resume_after_a_changed_max_samples_redoes_the_shards_that_changed(teach
     cache = CacheReader(out)
     assert sorted(cache.where) == ["s0", "s1", "s2", "s3", "s4", "t"]
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first  # unchanged shard kept
-    _extract(teacher_dir, pico_dir, data, out, "--max-samples", "2")  # and back down: no stale shards left
-    assert sorted(CacheReader(out).where) == ["s0", "s1"]
+    assert CacheReader(out).manifest["max_samples"] is None  # the cache covers the whole data now
+
+
+def test_a_smaller_max_samples_into_a_finished_cache_deletes_nothing(teacher_dir, pico_dir, data, tmp_path, capsys):
+    """A smoke run (--max-samples 2) into a finished cache reads what it plans and leaves every shard as it was
+    (it used to remove the shards beyond its plan, right after the teacher loaded); the weights never load."""
+    out = tmp_path / "cache"
+    _extract(teacher_dir, pico_dir, data, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    _extract(teacher_dir, pico_dir, data, out, "--max-samples", "2")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
+    assert "nothing to extract" in capsys.readouterr().out
+    cache = CacheReader(out)
+    assert sorted(cache.where) == ["s0", "s1", "s2", "s3", "s4", "t"] and cache.manifest["max_samples"] is None
 
 
 def test_resume_with_another_data_file_is_refused(teacher_dir, pico_dir, data, tmp_path, capsys):

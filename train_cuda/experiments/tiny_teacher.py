@@ -5,11 +5,13 @@ trains it on LLaVA-format records. The miniature of LLaVA-1.5-7B that `shapes_kd
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
 import numpy as np
+
+from bonsai_mlx.core.processing import pad_id_of
+from train_cuda.fit import fit
 
 VICUNA = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
@@ -123,15 +125,13 @@ def build(
 def encode(teacher, rec: dict, image_root: str | None) -> tuple[list[int], list[int], object]:
     """(ids, labels: -100 outside the answers and their end token, PIL image or None) in the teacher's format."""
     from bonsai_mlx.core.images import load_image
-    from bonsai_mlx.core.records import messages_of
-    from train_cuda.teacher import answer_spans
+    from bonsai_mlx.core.records import answer_spans, messages_of
 
     msgs = messages_of(rec)
     if rec.get("image") and not any("<image>" in m["content"] for m in msgs):
         msgs[0] = {**msgs[0], "content": "<image>\n" + msgs[0]["content"]}
-    text = teacher.render(msgs)
-    ids, off = teacher.encode(text)
-    spans = answer_spans(text, [m["content"] for m in msgs if m["role"] == "assistant"])
+    ids, off = teacher.encode(teacher.render(msgs))
+    spans = [(a, b) for a, b, _ in answer_spans(teacher.render, msgs)]  # each answer after its own prompt
     eos = teacher.tokenizer.eos_token_id
     labels = [-100] * len(ids)
     for a, b in spans:
@@ -151,7 +151,7 @@ def _batches(teacher, samples: list, batch_size: int):
     import torch
 
     dev = teacher.device
-    pad = teacher.tokenizer.pad_token_id or 0
+    pad = pad_id_of(teacher.tokenizer)
     L = max(len(s[0]) for s in samples)
     ids = torch.tensor([s[0] + [pad] * (L - len(s[0])) for s in samples], device=dev)
     labels = torch.tensor([s[1] + [-100] * (L - len(s[1])) for s in samples], device=dev)
@@ -174,7 +174,7 @@ def train(
     seed: int = 0,
     log=print,
 ) -> None:
-    """Full fine-tuning (everything trains), AdamW, warmup + cosine; saved in place."""
+    """Full fine-tuning (everything trains) by train_cuda.fit (AdamW on the trainers' one curve); saved in place."""
     import torch
 
     from train_cuda.teacher import Teacher
@@ -183,26 +183,18 @@ def train(
     teacher = Teacher.load(str(model_dir), dtype="float32")  # trained in float32, on the GPU when there is one
     model = teacher.model.train()
     samples = [encode(teacher, r, image_root) for r in records]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
     rng = random.Random(seed)
     order: list[int] = []
-    for step in range(1, steps + 1):
+
+    def loss_at(step: int):
+        nonlocal order
         if len(order) < batch_size:
             order += rng.sample(range(len(samples)), len(samples))
         idx, order = order[:batch_size], order[batch_size:]
         ids, labels, mask, pv = _batches(teacher, [samples[i] for i in idx], batch_size)
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 100 == 0 or step == steps:
-            log(f"teacher step {step}/{steps}: loss {out.loss.item():.4f}")
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pv, labels=labels).loss
+
+    fit(model, loss_at, steps, lr, log_every=100, log=log, name="teacher step")
     model.eval().save_pretrained(str(model_dir))
 
 
