@@ -244,25 +244,52 @@ class ChatSession:
         self.cached_ids = list(ids)
         return h, keep
 
+    # The engine's hooks: _picker, _prefill, _first (the first token, computed), _step (feed one token, the next
+    # token on its way), _token (that token as an int), _peak_gb. Everything else is the engine-free turn logic.
+    def _picker(self, sampling: Sampling) -> Callable:
+        return _token_picker(self.model, self.processor, sampling)
+
+    @staticmethod
+    def _first(pick: Callable, h):
+        y = pick(h)
+        mx.eval(y)
+        return y
+
+    def _step(self, tok: int, pick: Callable):
+        h, _ = self.model.run_layers(self.model.embed(mx.array([[tok]])), self.cache)
+        y = pick(h)
+        mx.async_eval(y)  # computes while the caller detokenizes and yields
+        return y
+
+    @staticmethod
+    def _token(y) -> int:
+        return int(y.item())
+
+    @staticmethod
+    def _reset_peak() -> None:
+        mx.reset_peak_memory()
+
+    @staticmethod
+    def _peak_gb() -> float:
+        return mx.get_peak_memory() / 1e9
+
     def _decode(
-        self, y: mx.array, next_token: Callable, sampling: Sampling, out: list[int], detok: StreamingDetokenizer
+        self, y, pick: Callable, sampling: Sampling, out: list[int], detok: StreamingDetokenizer
     ) -> Generator[Chunk, None, tuple[str, int]]:
-        """Sample until a stop token, max_tokens or stop(); the next step computes while a chunk is yielded.
+        """Sample until a stop token, max_tokens or stop(); the next step is on its way while a chunk is yielded.
 
         Fills `out` with the answer's tokens and `detok` with their text; returns (finish reason, tokens shown)."""
         proc = self.processor
         special = set(proc.tokenizer.all_special_ids)
         n_shown = 0
         while len(out) < sampling.max_tokens:
-            tok = int(y.item())
+            tok = self._token(y)
             if tok in proc.stop_ids and not sampling.ignore_stop:
                 return "stop", n_shown
             out.append(tok)
             more = len(out) < sampling.max_tokens
             if more and not self.stop_requested:
-                h, _ = self.model.run_layers(self.model.embed(y.reshape(1, 1)), self.cache)
-                y_next = next_token(h)
-                mx.async_eval(y_next)  # computes while we detokenize and yield
+                y_next = self._step(tok, pick)
                 self.cached_ids.append(tok)
             if tok not in special:  # as decode(skip_special_tokens=True)
                 detok.add_token(tok)
@@ -313,12 +340,11 @@ class ChatSession:
     def _respond(self, sampling: Sampling, before: tuple[list, list]) -> Iterator[Chunk]:
         try:
             prompt_text, ids, conv, sampling, dropped = self._fit(sampling)
-            mx.reset_peak_memory()
+            self._reset_peak()
             t0 = time.perf_counter()
-            next_token = _token_picker(self.model, self.processor, sampling)
+            pick = self._picker(sampling)
             h, keep = self._prefill(ids)
-            y = next_token(h)
-            mx.eval(y)
+            y = self._first(pick, h)
         except BaseException:
             self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
             raise
@@ -329,7 +355,7 @@ class ChatSession:
         detok = detokenizer(self.processor)
         t1 = time.perf_counter()
         try:
-            reason, n_shown = yield from self._decode(y, next_token, sampling, out, detok)
+            reason, n_shown = yield from self._decode(y, pick, sampling, out, detok)
         except BaseException:  # the stream was closed (a cancelled request) or failed: keep what was produced
             self._record(prompt_text, conv, ids, out, detok)
             raise
@@ -337,7 +363,7 @@ class ChatSession:
         dt = time.perf_counter() - t1
         stats.generated_tokens = len(out)
         stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.peak_memory_gb = self._peak_gb()
         stats.finish_reason = reason
         yield Chunk(detok.last_segment, out[n_shown:], stats)
 
@@ -382,64 +408,32 @@ class LlamaChatSession(ChatSession):
         self.cached_ids = list(ids)
         return logits, keep
 
-    def _steps(self, tok: int, pick, sampling, out: list[int], detok) -> Iterator:
-        """As ChatSession._decode: from the first sampled token on, until a stop token, max_tokens or stop().
-        Fills `out` and `detok`; returns (finish reason, tokens shown)."""
-        proc, m = self.processor, self.model
-        special = set(proc.tokenizer.all_special_ids)
-        n_shown = 0
-        while len(out) < sampling.max_tokens:
-            if tok in proc.stop_ids and not sampling.ignore_stop:
-                return "stop", n_shown
-            out.append(tok)
-            if tok not in special:  # as decode(skip_special_tokens=True)
-                detok.add_token(tok)
-            seg = detok.last_segment
-            if seg:
-                yield self._chunk(seg, out[n_shown:])
-                n_shown = len(out)
-            if self.stop_requested:
-                return "stopped", n_shown
-            if len(out) < sampling.max_tokens:
-                logits = m.step(tok, len(self.cached_ids))
-                self.cached_ids.append(tok)
-                tok = pick(logits)
-        return "length", n_shown
+    def _picker(self, sampling: Sampling) -> Callable:
+        from bonsai_mlx.engines.llama_cpp import make_picker
+
+        return make_picker(self.model, self.processor, sampling)
 
     @staticmethod
-    def _chunk(text, tokens, stats=None):
-        return Chunk(text, tokens, stats)
+    def _first(pick: Callable, logits) -> int:
+        return pick(logits)
 
-    def _respond(self, sampling, before) -> Iterator:
-        from bonsai_mlx.engines.llama_cpp import make_picker, peak_rss_gb
+    def _step(self, tok: int, pick: Callable) -> int:
+        return pick(self.model.step(tok, len(self.cached_ids)))
 
-        try:
-            prompt_text, ids, conv, sampling, dropped = self._fit(sampling)
-            t0 = time.perf_counter()
-            pick = make_picker(self.model, self.processor, sampling)
-            logits, keep = self._prefill(ids)
-            tok = pick(logits)
-        except BaseException:
-            self.messages[:], self.images[:] = before  # a failed turn leaves the session as it was
-            raise
-        stats = Stats(prompt_tokens=len(ids) - keep, cached_tokens=keep, trimmed_messages=dropped)
-        stats.ttft_s = time.perf_counter() - t0
-        stats.prefill_tps = stats.prompt_tokens / stats.ttft_s
-        out: list[int] = []
-        detok = detokenizer(self.processor)
-        t1 = time.perf_counter()
-        try:
-            reason, n_shown = yield from self._steps(tok, pick, sampling, out, detok)
-        except BaseException:  # the stream was closed (a cancelled request) or failed: keep what was produced
-            self._record(prompt_text, conv, ids, out, detok)
-            raise
-        self._record(prompt_text, conv, ids, out, detok)
-        dt = time.perf_counter() - t1
-        stats.generated_tokens = len(out)
-        stats.decode_tps = (len(out) - 1) / dt if len(out) > 1 and dt > 0 else 0.0
-        stats.peak_memory_gb = peak_rss_gb()  # the process's peak resident memory (MLX reports its allocator's)
-        stats.finish_reason = reason
-        yield self._chunk(detok.last_segment, out[n_shown:], stats)
+    @staticmethod
+    def _token(tok: int) -> int:
+        return tok
+
+    @staticmethod
+    def _reset_peak() -> None:
+        pass
+
+    @staticmethod
+    def _peak_gb() -> float:
+        """The process's peak resident memory (MLX reports its allocator's; llama.cpp has none to report)."""
+        from bonsai_mlx.engines.llama_cpp import peak_rss_gb
+
+        return peak_rss_gb()
 
 
 def session_class(model) -> type[ChatSession]:
