@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from bonsai_mlx.core.cli import add_options, from_args, opt
+from bonsai_mlx.engines import EngineConfig
 
 
 @dataclass
@@ -25,13 +26,20 @@ class ChatConfig:
     seed: int | None = opt(None, "sampling seed")
 
 
-def run(cfg: ChatConfig, lines=None, out=sys.stdout) -> None:
-    """The loop, reading `lines` (default: stdin) so that it can be driven by a test."""
+def run(cfg: ChatConfig, lines=None, out=sys.stdout, engine: EngineConfig | None = None) -> None:
+    """The loop, reading `lines` (default: stdin) so that it can be driven by a test. `engine`: which engine runs
+    the model (bonsai_mlx.engines; default: its flags' defaults, `auto`)."""
+    engine = engine or EngineConfig()
     from bonsai_mlx.core.errors import UserError
-    from bonsai_mlx.generate import ChatSession, Sampling, load
+    from bonsai_mlx.engines import choose, stderr_log
+    from bonsai_mlx.engines import load as load_engine
+    from bonsai_mlx.generate import Sampling, new_session
 
-    model, proc = load(cfg.model)
-    session = ChatSession(model, proc, system=cfg.system)
+    choice = choose(engine.engine)
+    if engine.engine == "auto":  # says which it picked and why (an engine asked for by name is not announced)
+        stderr_log(choice.line())
+    loaded = load_engine(cfg.model, engine, choice=choice, log=stderr_log)
+    session = new_session(loaded.model, loaded.processor, system=cfg.system)
     sampling = Sampling(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.seed)
     image = cfg.image
     interactive = lines is None and sys.stdin.isatty()
@@ -73,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bonsai_mlx.chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_options(ap, ChatConfig, required=("model",))
+    add_options(ap.add_argument_group("engine"), EngineConfig)
     args = ap.parse_args(argv)
     from bonsai_mlx.core.errors import friendly
 
     with friendly("chat"):
-        run(from_args(ChatConfig, args))
+        run(from_args(ChatConfig, args), engine=from_args(EngineConfig, args))
     return 0
 
 

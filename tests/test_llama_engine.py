@@ -224,6 +224,59 @@ def test_generate_auto_says_which_engine_and_why_in_one_line(trained, tmp_path, 
     assert capsys.readouterr().err.splitlines()[0] == "engine: mlx (auto: Apple silicon, MLX runs on Metal)"
 
 
+def test_terminal_chat_runs_on_llama_cpp_and_answers_as_mlx(trained, tmp_path, capsys, monkeypatch):
+    """`bonsai chat --engine llama.cpp`: the same two turns (the image kept for the follow-up) as on MLX."""
+    _need_llama()
+    import io
+
+    from bonsai_mlx.chat import main as chat
+
+    path = tmp_path / "a.png"
+    _held_out(1)[0]["image"].save(path)
+    args = ["--model", str(trained), "--image", str(path), "--max-tokens", "4", "--gguf-type", "f32"]
+    out = {}
+    for engine in ("mlx", "llama.cpp"):
+        typed = "What colour is the shape at the top left?\nHow many shapes are there?\n/quit\n"
+        monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+        assert chat([*args, "--engine", engine]) == 0
+        out[engine] = capsys.readouterr().out.splitlines()[1:]
+    assert len(out["mlx"]) == 2 and all(a.strip() for a in out["mlx"])
+    assert out["llama.cpp"] == out["mlx"]
+
+
+def test_an_amx_build_loads_without_the_extra_buffers_and_says_so(tiny_dir, monkeypatch):
+    """A llama.cpp compiled with AMX crashes on its first matmul here (llama.cpp#20824): the engine must load it
+    with use_extra_bufts off and say why, and still answer as the repacking build does."""
+    _need_llama()
+    import llama_cpp
+
+    from bonsai_mlx.engines import llama_cpp as eng
+
+    greedy = Sampling(max_tokens=4, ignore_stop=True)
+    model, proc = eng.load(tiny_dir, eng.LlamaOptions("f32", threads=2))
+    try:
+        plain = _answer(_session(model, proc).ask("what colour is the square?", image(7), greedy))[0]
+    finally:
+        model.close()
+    seen = []
+    real = llama_cpp.llama_model_load_from_file
+
+    def spy(path, params):
+        seen.append(bool(params.use_extra_bufts))
+        return real(path, params)
+
+    monkeypatch.setattr(eng, "amx_build", lambda _lib: True)
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", spy)
+    logged: list[str] = []
+    model, proc = eng.load(tiny_dir, eng.LlamaOptions("f32", threads=2), log=logged.append)
+    try:
+        assert seen == [False]
+        assert eng.AMX_NOTE in logged
+        assert _answer(_session(model, proc).ask("what colour is the square?", image(7), greedy))[0][:2] == plain[:2]
+    finally:
+        model.close()
+
+
 def test_pixels_of_a_letterboxed_llama_cpp_would_differ(trained):
     """Why the engine stretches first: llama.cpp's own preprocessing pads a 2:1 image to a square."""
     from bonsai_mlx.core.config import PicoConfig
