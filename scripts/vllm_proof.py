@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from bonsai_mlx.convert.__main__ import main as convert
     from bonsai_mlx.core.config import PicoConfig
-    from convert.__main__ import main as convert
 
     work = Path(a.work or tempfile.mkdtemp(prefix="vllm-proof-"))
     work.mkdir(parents=True, exist_ok=True)
