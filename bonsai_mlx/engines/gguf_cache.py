@@ -141,7 +141,7 @@ def _valid(d: Path, model_dir: Path, kind: str, conv: str) -> bool:
 def _convert(model_dir: Path, out: Path, kind: str) -> None:
     """`bonsai convert to-gguf` in a child process: the float weights it reads never enter this process."""
     cmd = [sys.executable, "-m", "bonsai_mlx.convert", "to-gguf", str(model_dir), str(out), "--type", kind]
-    root = Path(__file__).resolve().parents[2]  # the checkout, for a `convert` package not installed
+    root = Path(__file__).resolve().parents[2]  # where this bonsai_mlx lives: the child runs the same code
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
