@@ -12,10 +12,10 @@ NO_MODEL = """## No model found
 Make one, then start the app again:
 
 * **Train the built-in tiny model** (offline, a few minutes on a laptop):
-  `bonsai train` → then `bonsai app --model runs/shapes/model`
+  `python -m bonsai_mlx.train` → then `python -m bonsai_mlx.app --model runs/shapes/model`
 * **Convert a Hugging Face Llava checkpoint** (SigLIP + Qwen2):
-  `bonsai convert to-mlx llava-hf/llava-interleave-qwen-0.5b-hf models/pico-4bit --quantize 4`
-  → then `bonsai app --models-dir models`
+  `python -m bonsai_mlx.convert to-mlx llava-hf/llava-interleave-qwen-0.5b-hf models/pico-4bit --quantize 4`
+  → then `python -m bonsai_mlx.app --models-dir models`
 """
 
 
