@@ -1,3 +1,1 @@
-"""Local Gradio chat over images with a Pico: `python -m app --help`."""
-
-import bonsai_mlx  # noqa: F401  (OpenBLAS is preloaded at the first mlx.core import on Linux)
+"""`python -m app` from a checkout; the app itself is `bonsai_mlx.app` (this folder is not installed)."""

@@ -367,7 +367,8 @@ class Run:
         self.model, self.pcfg = loading.load(self.teacher_dir)
         if self.pcfg.quantization:
             raise UserError(
-                f"{self.teacher_dir}: is quantized; distil from the float checkpoint (python -m convert to-hf first)"
+                f"{self.teacher_dir}: is quantized; distil from the float checkpoint "
+                "(python -m bonsai_mlx.convert to-hf first)"
             )
         self.depth = feature_depth(self.pcfg)
         self.strategy = self.pcfg.vision_feature_select_strategy
@@ -624,7 +625,7 @@ def parser() -> argparse.ArgumentParser:
         "  python -m bonsai_mlx.distill_vision --teacher pico/ --images img/ \\\n"
         '      --student-config \'{"num_hidden_layers": 6, "hidden_size": 512}\' --out o/\n'
         "Then heal it: python -m bonsai_mlx.train --model pico-v6/ --data train.json --image-root img/ --stage align "
-        "--max-steps 300 --out runs/heal && python -m convert fuse pico-v6/ runs/heal pico-v6-healed/",
+        "--max-steps 300 --out runs/heal && python -m bonsai_mlx.convert fuse pico-v6/ runs/heal pico-v6-healed/",
     )
     add_options(ap, DistillVisionConfig, required=("teacher", "images", "out"))
     ap.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/latest")
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {cfg.out}")
         print(
             f"heal it: python -m bonsai_mlx.train --model {cfg.out} --data TRAIN.json --stage align "
-            f"--max-steps 300 --out runs/heal && python -m convert fuse {cfg.out} runs/heal {cfg.out}-healed"
+            f"--max-steps 300 --out runs/heal && python -m bonsai_mlx.convert fuse {cfg.out} runs/heal {cfg.out}-healed"
         )
     return 0
 

@@ -67,7 +67,7 @@ def accuracy(model, proc, data: str, image_root: str | None, limit: int | None =
 def main(argv: list[str] | None = None) -> int:
     """`init OUT` builds the embedded default's untrained Pico; `score MODEL DATA` writes its per-type accuracy.
 
-    Commands, so that a PyTorch-side experiment (train_cuda.experiments.shapes_kd) drives the MLX steps in
+    Commands, so that a PyTorch-side experiment (experiments.shapes_kd) drives the MLX steps in
     their own processes instead of importing MLX.
     """
     import argparse

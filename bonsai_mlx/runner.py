@@ -112,7 +112,8 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
         loading.save(model, out / "model", extra_files_from=model_dir)
         lines.append(f"model: {out / 'model'}")
     else:
-        lines.append(f"adapter + projector: {final}  (merge: python -m convert fuse {cfg.model} {final} OUT)")
+        merge = f"python -m bonsai_mlx.convert fuse {cfg.model} {final} OUT"
+        lines.append(f"adapter + projector: {final}  (merge: {merge})")
     if embedded:
         acc = accuracy(model, proc, cfg.eval_data, cfg.image_root, limit=100 if quick else None)
         lines.append("held-out exact match: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
@@ -122,6 +123,6 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
             "chat with it:",
             f"  python -m bonsai_mlx.generate --model {out / 'model'} --image {img} "
             "--prompt 'What colour is the shape at the top left?'",
-            f"  python -m app --model {out / 'model'}",
+            f"  python -m bonsai_mlx.app --model {out / 'model'}",
         ]
     return lines

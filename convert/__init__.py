@@ -1,1 +1,1 @@
-"""`python -m convert --help`: a thin CLI over `bonsai_mlx.conversion` (moves Pico weights between HF and MLX)."""
+"""`python -m convert` from a checkout; the CLI itself is `bonsai_mlx.convert` (this folder is not installed)."""

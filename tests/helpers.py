@@ -133,7 +133,7 @@ def make_teacher(
 ) -> Path:
     """A tiny random teacher of the LLaVA-1.5 shape (CLIP vision, Llama LM, Unigram tokenizer, Vicuna prompt,
     'default' strategy, feature layer -2, its own grid); `tokenizer_from` shares that model's vocabulary."""
-    from train_cuda.experiments.tiny_teacher import build
+    from experiments.tiny_teacher import build
 
     return build(
         out, CORPUS, hidden, image_size=image_size, patch_size=patch_size, seed=seed, tokenizer_from=tokenizer_from

@@ -6,8 +6,8 @@ import pytest
 from helpers import hf_logits, image, make_hf_pico, make_tokenizer
 
 from bonsai_mlx import loading
+from bonsai_mlx.convert.__main__ import main as convert
 from bonsai_mlx.core.processing import Processor
-from convert.__main__ import main as convert
 
 
 def _tensors(d):

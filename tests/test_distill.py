@@ -253,8 +253,8 @@ def test_distill_run_lowers_feature_loss_and_its_adapter_fuses(pico_dir, tmp_pat
     from helpers import make_teacher, write_describe_data
 
     from bonsai_mlx import loading
+    from bonsai_mlx.convert.__main__ import main as convert
     from bonsai_mlx.train import main as train
-    from convert.__main__ import main as convert
     from train_cuda.extract import main as extract
 
     write_describe_data(tmp_path)

@@ -11,10 +11,10 @@ import pytest
 from helpers import image, make_hf_pico
 
 from bonsai_mlx import loading
+from bonsai_mlx.convert.__main__ import main as convert
 from bonsai_mlx.core.config import PicoConfig
 from bonsai_mlx.generate import Sampling, generate, load
 from bonsai_mlx.weights import load_weights
-from convert.__main__ import main as convert
 
 PROMPT = "Describe the image."
 IMAGES = [image(1, (64, 32)), image(2, (32, 64))]  # 2:1 and 1:2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bonsai_mlx import loading
+from bonsai_mlx.convert.__main__ import main as convert
 from bonsai_mlx.weights import load_weights
-from convert.__main__ import main as convert
 
 gguf = pytest.importorskip("gguf")
 

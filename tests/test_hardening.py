@@ -595,8 +595,8 @@ def _(ctx: Ctx):
     "old turns are left out (said under the answer); a message that cannot fit gets a friendly note",
 )
 def _(ctx: Ctx):
-    from app.chat import Conversation, Settings, submit
-    from app.registry import Registry
+    from bonsai_mlx.app.chat import Conversation, Settings, submit
+    from bonsai_mlx.app.registry import Registry
 
     _p512(ctx)
     reg = Registry({"p": ctx.tmp / "p512"})
@@ -617,8 +617,8 @@ def _(ctx: Ctx):
 
 @row("empty message; a message over the prompt limit", "app", "a friendly note in the chat; the tab keeps working")
 def _(ctx: Ctx):
-    from app.chat import MAX_PROMPT_TOKENS, Conversation, Settings, submit
-    from app.registry import Registry
+    from bonsai_mlx.app.chat import MAX_PROMPT_TOKENS, Conversation, Settings, submit
+    from bonsai_mlx.app.registry import Registry
 
     reg = Registry({"tiny": ctx.pico_dir})
     c = Conversation()
@@ -635,8 +635,8 @@ def _(ctx: Ctx):
     "the switch waits for that answer (one MLX lock); no MLX from two threads",
 )
 def _(ctx: Ctx):
-    from app.chat import Conversation, Settings, submit
-    from app.registry import Registry
+    from bonsai_mlx.app.chat import Conversation, Settings, submit
+    from bonsai_mlx.app.registry import Registry
 
     reg = Registry({"a": ctx.pico_dir, "b": ctx.pico_dir})
     c = Conversation()
@@ -660,8 +660,8 @@ def _(ctx: Ctx):
     import gc
     import weakref
 
-    from app.chat import Conversation, Settings, submit
-    from app.registry import Registry
+    from bonsai_mlx.app.chat import Conversation, Settings, submit
+    from bonsai_mlx.app.registry import Registry
 
     reg = Registry({"a": ctx.pico_dir, "b": ctx.pico_dir})
     ta, tb = Conversation(), Conversation()
@@ -1177,7 +1177,7 @@ ROWS.append(
 def _(ctx: Ctx):
     from helpers import make_hf_pico
 
-    from convert.__main__ import main as convert
+    from bonsai_mlx.convert.__main__ import main as convert
 
     other = make_hf_pico(ctx.tmp / "other", hidden=32)
     ad = _peft_adapter(other, ctx.tmp / "ad", {})
@@ -1254,7 +1254,7 @@ ROWS.append(
 
 @pytest.fixture(scope="module")
 def server(pico_dir, tmp_path_factory):
-    """The app over two models (pico-a, pico-b), as `python -m app --models-dir` serves them."""
+    """The app over two models (pico-a, pico-b), as `bonsai app --models-dir` serves them."""
     sys.path.insert(0, str(Path(__file__).parent / "app"))
     from test_browser import _free_port
 
@@ -1266,7 +1266,7 @@ def server(pico_dir, tmp_path_factory):
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--models-dir", str(models), "--port", str(port)],
+            [sys.executable, "-m", "bonsai_mlx.app", "--models-dir", str(models), "--port", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -1,4 +1,8 @@
-"""The import layers: shared core < MLX side | CUDA side < CLIs and the app. Parsed from the code itself."""
+"""The import layers: shared core < MLX side | CUDA side < CLIs and the app < experiments. Parsed from the code.
+
+`bonsai_mlx.app` and `bonsai_mlx.convert` sit inside the package (so they install under its name) but belong to
+the CLI layer; the top-level `app/` and `convert/` are checkout shims onto them; `experiments/` (not installed)
+may import anything, and nothing imports it."""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("bonsai_mlx", "convert", "train_cuda", "app")
+PACKAGES = ("bonsai_mlx", "train_cuda", "app", "convert", "experiments")
+CLI_IN_PACKAGE = ("bonsai_mlx.app", "bonsai_mlx.convert")  # the CLI/app layer, installed inside bonsai_mlx
+SHIMS = {"app": "bonsai_mlx.app", "convert": "bonsai_mlx.convert"}  # checkout folder -> what it forwards to
 HEAVY = ("mlx", "mlx_lm", "torch", "peft", "accelerate", "bitsandbytes", "gradio")
 
 
@@ -52,8 +60,23 @@ def _top(i: str) -> str:
     return i.split(".")[0]
 
 
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _library(name: str) -> bool:
+    """The installed library below the CLI layer: bonsai_mlx (but its app and convert) and train_cuda."""
+    return _top(name) in ("bonsai_mlx", "train_cuda") and not _under(name, CLI_IN_PACKAGE)
+
+
 def test_the_module_list_is_what_the_tree_holds():
-    assert "bonsai_mlx.core.records" in MODULES and "train_cuda.trainer" in MODULES and "convert.__main__" in MODULES
+    assert "bonsai_mlx.core.records" in MODULES and "train_cuda.trainer" in MODULES
+    assert {"bonsai_mlx.convert.__main__", "bonsai_mlx.app.ui", "convert.__main__", "app.__main__"} <= set(MODULES)
+    assert {"experiments.steps", "experiments.recipe", "experiments.shapes_kd"} <= set(MODULES)
+
+
+def test_no_module_of_the_library_is_an_experiment():
+    assert not [m for m in MODULES if _top(m) in ("bonsai_mlx", "train_cuda") and "experiments" in m.split(".")]
 
 
 def test_the_shared_core_imports_no_tensor_library_and_nothing_above_it():
@@ -66,9 +89,39 @@ def test_the_shared_core_imports_no_tensor_library_and_nothing_above_it():
 
 
 def test_the_library_imports_no_cli_package():
-    for name in (m for m in MODULES if m.startswith("bonsai_mlx")):
-        up = sorted(i for i in _imports(name) if _top(i) in ("convert", "app", "train_cuda"))
+    for name in (m for m in MODULES if m.startswith("bonsai_mlx") and _library(m)):
+        imps = _imports(name)
+        up = sorted(i for i in imps if _top(i) in ("convert", "app", "train_cuda", "experiments"))
+        up += sorted(i for i in imps if _under(i, CLI_IN_PACKAGE))
         assert not up, f"{name} imports {up}"
+
+
+def test_the_cli_layer_in_the_package_imports_no_checkout_folder():
+    for name in (m for m in MODULES if _under(m, CLI_IN_PACKAGE)):
+        up = sorted(i for i in _imports(name) if _top(i) in ("convert", "app", "experiments"))
+        assert not up, f"{name} imports {up}: it is installed, those folders are not"
+
+
+def test_the_checkout_shims_only_forward_to_the_package():
+    for name in (m for m in MODULES if _top(m) in SHIMS):
+        other = sorted(i for i in _project(_imports(name)) if not _under(i, (SHIMS[_top(name)],)))
+        assert not other, f"{name} imports {other}: the code belongs in {SHIMS[_top(name)]}"
+
+
+def test_nothing_but_the_experiments_imports_them():
+    for name in (m for m in MODULES if _top(m) != "experiments"):
+        up = sorted(i for i in _imports(name) if _top(i) == "experiments")
+        assert not up, f"{name} imports {up}"
+
+
+def test_the_wheel_holds_the_library_and_no_generic_top_level_name():
+    tomllib = pytest.importorskip("tomllib")
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    installed = set(find_packages(str(ROOT), include=include["include"]))
+    assert {"bonsai_mlx", "bonsai_mlx.app", "bonsai_mlx.convert", "train_cuda"} <= installed
+    assert not {_top(p) for p in installed} & {"app", "convert", "experiments", "tests", "scripts"}, installed
 
 
 def test_the_cuda_side_stands_on_the_shared_core_only():
@@ -78,6 +131,8 @@ def test_the_cuda_side_stands_on_the_shared_core_only():
         assert not mlx, f"{name} imports {mlx}"
         mlx_side = sorted(i for i in _project(imps) if _top(i) == "bonsai_mlx" and not i.startswith("bonsai_mlx.core"))
         assert not mlx_side, f"{name} imports the MLX side: {mlx_side}"
+        up = sorted(i for i in imps if _top(i) in ("convert", "app", "experiments"))
+        assert not up, f"{name} imports {up}"
 
 
 def test_no_import_cycles():

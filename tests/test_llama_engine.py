@@ -295,8 +295,8 @@ def test_pixels_of_a_letterboxed_llama_cpp_would_differ(trained):
 # -- the app and the server on llama.cpp ---------------------------------------------------------------------------
 def test_the_app_streams_and_follows_up_on_llama_cpp(tiny_dir, tmp_path):
     _need_llama()
-    from app.chat import Conversation, Settings, submit
-    from app.registry import Registry
+    from bonsai_mlx.app.chat import Conversation, Settings, submit
+    from bonsai_mlx.app.registry import Registry
     from bonsai_mlx.engines import EngineConfig
 
     reg = Registry({"tiny": tiny_dir}, EngineConfig(engine="llama.cpp", gguf_type="f32"))

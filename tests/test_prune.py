@@ -123,7 +123,7 @@ def test_pruned_checkpoint_heals_with_lora_training(pico_dir, tmp_path):
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and losses[-1] < losses[0]
     # the healed adapter merges into the pruned base: a standard checkpoint again
-    from convert.__main__ import main as convert
+    from bonsai_mlx.convert.__main__ import main as convert
 
     assert convert(["fuse", str(out), str(run / "checkpoints" / "final"), str(tmp_path / "healed")]) == 0
     healed, cfg = loading.load(tmp_path / "healed")

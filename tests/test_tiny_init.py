@@ -6,12 +6,12 @@ import json
 import pytest
 from helpers import image
 
+from bonsai_mlx.convert.__main__ import main as convert
 from bonsai_mlx.core import synthetic
 from bonsai_mlx.generate import Sampling, generate, load
 from bonsai_mlx.metrics import vqa_normalize
 from bonsai_mlx.tiny import TinyRecipe
 from bonsai_mlx.train import main as train
-from convert.__main__ import main as convert
 
 FLAGS = ["--stage", "full", "--batch-size", "8", "--lr", "1e-3", "--warmup", "5", "--log-every", "1"]
 

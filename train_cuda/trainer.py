@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
     bar.close()
     save_checkpoint(out, "final", acc, wrapped, opt, sched, step, micro, cfg)
     final = out / "checkpoints" / "final"
-    acc.print(f"adapter + projector: {final}  (merge: python -m convert fuse {cfg.model} {out} OUT)")
+    acc.print(f"adapter + projector: {final}  (merge: python -m bonsai_mlx.convert fuse {cfg.model} {out} OUT)")
     return last
 
 

@@ -1,1 +1,1 @@
-"""Weights between PyTorch/Hugging Face and MLX: the library behind `python -m convert`."""
+"""Weights between PyTorch/Hugging Face and MLX: the library behind `bonsai convert` (bonsai_mlx/convert)."""

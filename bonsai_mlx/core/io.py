@@ -51,6 +51,6 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     if any(d.glob("*.bin")) or any(d.glob("*.pt")):
         raise CheckpointError(
             f"{d}: has PyTorch pickle weights only; convert them first with "
-            f"`python -m convert to-mlx {d} OUT` (loads them safely, weights_only=True)"
+            f"`python -m bonsai_mlx.convert to-mlx {d} OUT` (loads them safely, weights_only=True)"
         )
     raise CheckpointError(f"{d}: no *.safetensors weights found")

@@ -28,7 +28,7 @@ INSTALL_HINT = "pip install -e '.[llama]' (compiles llama.cpp: a few minutes)"
 
 @dataclass
 class EngineConfig:
-    """The engine flags shared by `python -m bonsai_mlx.generate`, `python -m app` and `bonsai_mlx.server`."""
+    """The engine flags shared by `python -m bonsai_mlx.generate`, `bonsai app` and `bonsai_mlx.server`."""
 
     engine: str = opt(
         os.environ.get("BONSAI_ENGINE") or "auto",

@@ -1,6 +1,6 @@
 """The GGUF pair llama.cpp runs a Pico from, made on first use into a cache beside the model.
 
-`python -m convert to-gguf` writes the language-model GGUF and the `mmproj` GGUF (vision tower + projector).
+`bonsai convert to-gguf` writes the language-model GGUF and the `mmproj` GGUF (vision tower + projector).
 The llama.cpp engine takes a Pico directory as it is: the first time a GGUF type is asked for, the pair is made
 in `<model>/.gguf/<type>/` (or, where the model directory is read-only, under `$BONSAI_CACHE/gguf/`) by that
 command in a child process (so the engine's own process never holds the float weights), and a fingerprint is
@@ -139,9 +139,9 @@ def _valid(d: Path, model_dir: Path, kind: str, conv: str) -> bool:
 
 
 def _convert(model_dir: Path, out: Path, kind: str) -> None:
-    """`python -m convert to-gguf` in a child process: the float weights it reads never enter this process."""
-    cmd = [sys.executable, "-m", "convert", "to-gguf", str(model_dir), str(out), "--type", kind]
-    root = Path(__file__).resolve().parents[2]  # the checkout, for a `convert` package not installed
+    """`bonsai convert to-gguf` in a child process: the float weights it reads never enter this process."""
+    cmd = [sys.executable, "-m", "bonsai_mlx.convert", "to-gguf", str(model_dir), str(out), "--type", kind]
+    root = Path(__file__).resolve().parents[2]  # where this bonsai_mlx lives: the child runs the same code
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:

@@ -44,7 +44,8 @@ def server(request, pico_dir, tmp_path):
         extra = ["--gguf-type", "f32"]
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--model", str(model), "--port", str(port), "--engine", engine, *extra],
+        [sys.executable, "-m", "bonsai_mlx.app", "--model", str(model), "--port", str(port), "--engine", engine]
+        + list(extra),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -110,8 +111,8 @@ def test_upload_ask_stream_follow_up_in_chromium(server, tmp_path):
 
 
 def test_no_model_page_explains_how_to_make_one(tmp_path):
-    from app.registry import Registry
-    from app.ui import build
+    from bonsai_mlx.app.registry import Registry
+    from bonsai_mlx.app.ui import build
 
     demo = build(Registry({}))
     assert "python -m bonsai_mlx.train" in str(demo.config)

@@ -4,8 +4,8 @@ import weakref
 import pytest
 from helpers import image
 
-from app.chat import MAX_PROMPT_TOKENS, Conversation, Settings, regenerate, stop, submit
-from app.registry import Registry, discover
+from bonsai_mlx.app.chat import MAX_PROMPT_TOKENS, Conversation, Settings, regenerate, stop, submit
+from bonsai_mlx.app.registry import Registry, discover
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_switching_models_frees_the_old_one(pico_dir):
 
 
 def test_discover_finds_float_and_quantized_models(pico_dir, tmp_path):
-    from convert.__main__ import main as convert
+    from bonsai_mlx.convert.__main__ import main as convert
 
     convert(["to-mlx", str(pico_dir), str(tmp_path / "pico-4bit"), "--quantize", "4", "--group-size", "32"])
     convert(["to-mlx", str(pico_dir), str(tmp_path / "pico-fp16")])

@@ -115,7 +115,7 @@ def test_saved_projector_loads_strictly_into_transformers_projector(pico_dir):
 
 @pytest.mark.parametrize("bad", ["packed", "missing", "extra"])
 def test_fuse_refuses_a_projector_that_does_not_fit(pico_dir, tmp_path, capsys, bad):
-    from convert.__main__ import main as convert
+    from bonsai_mlx.convert.__main__ import main as convert
     from train_cuda.student import load_student, projector_state
 
     model, _ = load_student(str(pico_dir), rank=4, grad_checkpoint=False)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from train_cuda.experiments.cli_worker import run_one
-from train_cuda.experiments.recipe import ROWS, main
+from experiments.recipe import ROWS, main
+from experiments.worker import run_one
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from train_cuda.experiments.shapes_kd import main
+from experiments.shapes_kd import main
 
 
 def test_shapes_kd_quick_runs_end_to_end_and_reports(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_shapes_kd_quick_runs_end_to_end_and_reports(tmp_path, capsys):
 
 
 def test_arms_are_named_and_distill_stays_the_old_name_of_feat():
-    from train_cuda.experiments.shapes_kd import parse_arms
+    from experiments.shapes_kd import parse_arms
 
     assert parse_arms("ce,distill,feat+uld") == ["ce", "feat", "feat+uld"]
     with pytest.raises(ValueError, match="unknown arm 'kl'; choose from ce, feat, feat\\+uld, feat\\+shared"):

@@ -10,7 +10,7 @@ import torch
 from helpers import make_teacher, write_describe_data
 
 from bonsai_mlx import loading
-from convert.__main__ import main as convert
+from bonsai_mlx.convert.__main__ import main as convert
 
 # Exactness checks compare float32 with float32: MLX's CUDA backend would do float32 matmuls in TF32 (~1e-3
 # relative) unless told not to. MLX reads this once per process, at its first matmul, after collection.

@@ -1,21 +1,21 @@
-"""The Gradio page. All behaviour lives in app.chat; this file only lays it out and wires events."""
+"""The Gradio page. All behaviour lives in bonsai_mlx.app.chat; this file only lays it out and wires events."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from app.chat import Conversation, Settings, regenerate, stop, submit
-from app.registry import Registry
+from bonsai_mlx.app.chat import Conversation, Settings, regenerate, stop, submit
+from bonsai_mlx.app.registry import Registry
 
 NO_MODEL = """## No model found
 
 Make one, then start the app again:
 
 * **Train the built-in tiny model** (offline, a few minutes on a laptop):
-  `python -m bonsai_mlx.train` → then `python -m app --model runs/shapes/model`
+  `python -m bonsai_mlx.train` → then `python -m bonsai_mlx.app --model runs/shapes/model`
 * **Convert a Hugging Face Llava checkpoint** (SigLIP + Qwen2):
-  `python -m convert to-mlx llava-hf/llava-interleave-qwen-0.5b-hf models/pico-4bit --quantize 4`
-  → then `python -m app --models-dir models`
+  `python -m bonsai_mlx.convert to-mlx llava-hf/llava-interleave-qwen-0.5b-hf models/pico-4bit --quantize 4`
+  → then `python -m bonsai_mlx.app --models-dir models`
 """
 
 

@@ -1,7 +1,7 @@
 """Answer prompts about images with llama.cpp (llama-cpp-python's multimodal chat handler), greedy.
 
 Runs in an environment that has llama-cpp-python (built from source), not necessarily this project:
-    python scripts/llama_cpp_run.py LM.gguf MMPROJ.gguf --prompt "Describe the image." --max-tokens 12 A.png B.png
+    python experiments/llama_cpp_run.py LM.gguf MMPROJ.gguf --prompt "Describe the image." --max-tokens 12 A.png B.png
 prints one JSON line per image: {"image", "text", "tokens", "seconds", "prompt_tokens", "completion_tokens"}.
 "tokens" are the answer's token ids as llama.cpp evaluated them (it runs one token past --max-tokens, so
 that the last one asked for has been fed back too).

@@ -1,7 +1,7 @@
 """Answer prompts about images with vLLM, greedy: `LLM.chat`, `LLM.generate` and `vllm serve` (OpenAI API).
 
 Runs in an environment that has vLLM (see scripts/setup_vllm.sh), not necessarily this project:
-    python scripts/vllm_run.py MODEL_DIR A.png B.png --prompt "Describe the image." --max-tokens 16
+    python experiments/vllm_run.py MODEL_DIR A.png B.png --prompt "Describe the image." --max-tokens 16
 prints one JSON line per (route, image): {"route", "image", "tokens", "text", "prompt_tokens"}, or one
 {"route", "error"} line for a route that could not start (e.g. vLLM's own Llava module without torchvision).
 Routes: `chat` (LLM.chat, image_url data URI), `generate` (LLM.generate, the prompt rendered by the model's

@@ -1,11 +1,11 @@
 """Proof that vLLM runs a Pico directory unchanged and answers like bonsai_mlx (greedy, float32).
 
 vLLM lives in its own virtualenv (scripts/setup_vllm.sh makes one); this script runs in the project's
-environment, builds or takes the model, answers with bonsai_mlx, then runs scripts/vllm_run.py with the
+environment, builds or takes the model, answers with bonsai_mlx, then runs experiments/vllm_run.py with the
 vLLM venv's python as a subprocess and compares token ids:
     bash scripts/setup_vllm.sh .venv-vllm
-    python scripts/vllm_proof.py --vllm-python .venv-vllm/bin/python            # or VLLM_PYTHON=...
-    python scripts/vllm_proof.py --model runs/shapes/model --image runs/shapes/data/images/shapes-0-9999.png
+    python -m experiments.vllm_proof --vllm-python .venv-vllm/bin/python            # or VLLM_PYTHON=...
+    python -m experiments.vllm_proof --model runs/shapes/model --image runs/shapes/data/images/shapes-0-9999.png
 
 Routes compared: `LLM.chat` (image_url data URI), `LLM.generate` (the template-rendered prompt + the image
 as multi_modal_data) and `vllm serve` (the openai client; streaming text checked against non-streaming),
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from bonsai_mlx.convert.__main__ import main as convert
     from bonsai_mlx.core.config import PicoConfig
-    from convert.__main__ import main as convert
 
     work = Path(a.work or tempfile.mkdtemp(prefix="vllm-proof-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """llama.cpp's quantizer through llama-cpp-python, with llama-quantize's arguments: IN.gguf OUT.gguf TYPE.
 
-For `python -m convert to-gguf --type q4_k_m --quantizer ...` where llama-cpp-python lives in another
-environment: wrap it as `#!/bin/sh\nexec /path/to/that/python scripts/llama_quantize.py "$@"`.
+For `bonsai convert to-gguf --type q4_k_m --quantizer ...` where llama-cpp-python lives in another
+environment: wrap it as `#!/bin/sh\nexec /path/to/that/python experiments/llama_quantize.py "$@"`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""python -m train_cuda.experiments.pca_variance: how much of the teacher's states a PCA cache loses, in miniature.
+"""python -m experiments.pca_variance: how much of the teacher's states a PCA cache loses, in miniature.
 
 `extract --pca K` stores K coordinates per state instead of the hidden size D. For LLaVA-1.5-7B the setting that
 fits LLaVA-Instruct-150k in <= 150 GB is one layer at K = 1024 of D = 4096 (docs/distillation_cache.md), i.e. K/D
@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from experiments.steps import Steps, say
+
 
 def _log(msg: str) -> None:
-    print(f"[pca_variance {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    say("pca_variance", msg)
 
 
 def teacher(out: Path, trained: bool, steps: int, n_train: int) -> Path:
@@ -29,8 +30,8 @@ def teacher(out: Path, trained: bool, steps: int, n_train: int) -> Path:
     from bonsai_mlx.core import synthetic
     from bonsai_mlx.core.io import atomic_write_text
     from bonsai_mlx.core.synthetic import DEFAULT_DATA
-    from train_cuda.experiments import tiny_teacher
-    from train_cuda.experiments.shapes_kd import Setup
+    from experiments import tiny_teacher
+    from experiments.shapes_kd import Setup
 
     s = Setup()
     d = out / ("teacher" if trained else "teacher-untrained")
@@ -87,7 +88,7 @@ def measure(cache: Path, n_fit: int, ratios: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train_cuda.experiments.pca_variance", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.pca_variance", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--out", default="runs/shapes-kd", help="a shapes_kd folder (its data and teacher are reused)")
     ap.add_argument("--teacher-steps", type=int, default=3000)
@@ -100,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     from bonsai_mlx.core import synthetic
     from bonsai_mlx.core.io import atomic_write_text
     from bonsai_mlx.core.synthetic import DEFAULT_DATA
-    from train_cuda.experiments.shapes_kd import _mlx
     from train_cuda.extract import main as extract
 
     out = Path(a.out)
@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "eval.json").is_file():
         synthetic.export(data, DEFAULT_DATA["n_train"], DEFAULT_DATA["n_eval"], seed=0, size=DEFAULT_DATA["image_size"])
     init = out / "student-init"
-    if not (init / "config.json").is_file():
-        _mlx("bonsai_mlx.embedded", "init", str(init), "--image-size", str(DEFAULT_DATA["image_size"]))
+    size = str(DEFAULT_DATA["image_size"])
+    steps = Steps(out / "pca-variance", "pca_variance")
+    steps.run("student-init", "bonsai_mlx.embedded", "init", str(init), "--image-size", size, done=init / "config.json")
     subset = out / "pca-variance" / "samples.json"
     train = json.loads((data / "train.json").read_text())
     atomic_write_text(subset, json.dumps(train[-(a.fit + a.eval) :]))  # samples the students never train on

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from bonsai_mlx.core.processing import pad_id_of
-from train_cuda.fit import fit
+from experiments.fit import fit
 
 VICUNA = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
@@ -174,7 +174,7 @@ def train(
     seed: int = 0,
     log=print,
 ) -> None:
-    """Full fine-tuning (everything trains) by train_cuda.fit (AdamW on the trainers' one curve); saved in place."""
+    """Full fine-tuning (everything trains) by experiments.fit (AdamW on the trainers' one curve); saved in place."""
     import torch
 
     from train_cuda.teacher import Teacher

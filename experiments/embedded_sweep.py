@@ -1,25 +1,28 @@
 """Sweep the embedded default's task, model and preset knobs; each run its own process, several at once.
 
-    python scripts/embedded_sweep.py SPECS.json OUT_DIR [PARALLEL]
+    python -m experiments.embedded_sweep SPECS.json OUT_DIR [PARALLEL]
 
 SPECS.json maps a run name to overrides: `recipe` (bonsai_mlx.tiny.TinyRecipe fields), `preset`
 (bonsai_mlx.embedded.DEFAULT fields), `style` (bonsai_mlx.core.synthetic.DrawStyle fields, with `draw` naming
 that variant), and DEFAULT_DATA keys (n_train, n_eval, image_size, questions, caption_share). Every run is the
 embedded default (`bonsai_mlx.runner.run` with no model and no data) with those overrides, so it draws, trains and
-reports held-out accuracy per question type exactly as `python -m bonsai_mlx.train` does. Results stream to
-OUT_DIR/results.jsonl. SWEEP_DTYPE=float32 pins the dtype on a GPU backend (MLX CUDA runs bfloat16 by default).
-The specs and results behind docs/embedded_task.md are in scripts/embedded_sweep/.
+reports held-out accuracy per question type exactly as `python -m bonsai_mlx.train` does. Each run is a step
+(experiments/steps.py: OUT_DIR/logs/NAME.log); results stream to OUT_DIR/results.jsonl, and a rerun skips the runs
+that finished. SWEEP_DTYPE=float32 pins the dtype on a GPU backend (MLX CUDA runs bfloat16 by default).
+The specs and results behind docs/embedded_task.md are in docs/results/embedded_sweep/.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from experiments.steps import StepFailed, Steps
 
 DATA_KEYS = ("n_train", "n_eval", "image_size", "questions", "caption_share")
 
@@ -75,46 +78,63 @@ def one(spec: dict, out: Path, draw_only: bool = False) -> None:
     evals = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
     evals = [e for e in evals if "overall" in e]
     res = {"spec": spec, "wall_s": round(time.perf_counter() - t, 1), "acc": acc, "evals": evals}
-    print("RESULT " + json.dumps(res), flush=True)
+    print(json.dumps(res), flush=True)  # the last line: the step's result
 
 
 def sweep(specs: dict, root: Path, parallel: int) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-
-    def child(name: str, spec: dict, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, __file__, "--one", json.dumps(spec), str(root / name), *extra]
-        with open(root / f"{name}{'.draw' if extra else ''}.log", "w") as f:
-            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    steps = Steps(root, "embedded_sweep")
+    me = "experiments.embedded_sweep"
 
     variants = {}
     for name, spec in specs.items():
         key = tuple(str(spec.get(k)) for k in (*DATA_KEYS, "draw"))
         variants.setdefault(key, (name, spec))
+
+    def draw(item: tuple[str, dict]) -> None:
+        """Each data variant's images, once, before the runs that share them start."""
+        name, spec = item
+        steps.run(f"{name}.draw", me, "--one", json.dumps(spec), str(root / name), "--draw")
+
     with ThreadPoolExecutor(parallel) as ex:
-        list(ex.map(lambda item: child(*item, "--draw"), variants.values()))
+        list(ex.map(draw, variants.values()))
 
     def run_one(item: tuple[str, dict]) -> None:
         name, spec = item
         t = time.time()
-        p = child(name, spec)
-        log = (root / f"{name}.log").read_text()
-        line = next((x for x in log.splitlines() if x.startswith("RESULT ")), None)
-        r = json.loads(line[7:]) if line else {"spec": spec, "error": log[-1500:]}
-        r.update(name=name, rc=p.returncode, elapsed=round(time.time() - t, 1))
+        try:
+            r, rc = dict(steps.run(name, me, "--one", json.dumps(spec), str(root / name))), 0
+        except StepFailed as e:
+            r, rc = {"spec": spec, "error": e.log.read_text()[-1500:]}, e.code
+        if name not in steps.ran and rc == 0:
+            return  # finished by an earlier sweep: its row is in results.jsonl already
+        for k in ("seconds", "cpu_seconds"):
+            r.pop(k, None)
+        r.update(name=name, rc=rc, elapsed=round(time.time() - t, 1))
         with open(root / "results.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"{name} rc={p.returncode} " + " ".join(f"{k}={v:.3f}" for k, v in r.get("acc", {}).items()), flush=True)
+        print(f"{name} rc={rc} " + " ".join(f"{k}={v:.3f}" for k, v in r.get("acc", {}).items()), flush=True)
 
     with ThreadPoolExecutor(parallel) as ex:
         list(ex.map(run_one, specs.items()))
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one"]:  # one run, in the child process the sweep starts: --one SPEC OUT [--draw]
+        one(json.loads(argv[1]), Path(argv[2]), draw_only="--draw" in argv[3:])
+        return 0
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.embedded_sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("specs", help="JSON: run name -> overrides")
+    ap.add_argument("out", help="folder of the runs, their logs and results.jsonl")
+    ap.add_argument("parallel", nargs="?", type=int, default=4, help="runs at once (default 4)")
+    a = ap.parse_args(argv)
+    sweep(json.loads(Path(a.specs).read_text()), Path(a.out), a.parallel)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        one(json.loads(sys.argv[2]), Path(sys.argv[3]), draw_only="--draw" in sys.argv[4:])
-    elif len(sys.argv) in (3, 4):
-        parallel = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-        sweep(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), parallel)
-    else:
-        print(__doc__)
-        raise SystemExit(2)
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""python -m bonsai_mlx.experiments.distill_vision: the evidence for `bonsai_mlx.distill_vision`.
+"""python -m experiments.distill_vision: the evidence for `bonsai_mlx.distill_vision`.
 
 `miniature`: the embedded default's model (trained here with `python -m bonsai_mlx.train`) is the teacher;
 its SigLIP tower is distilled into smaller ones on the task's training images (no labels), each student is
@@ -10,6 +10,9 @@ per question type (bonsai_mlx.embedded's accuracy): results.json and table.md un
 from its tower (`distill_vision --steps 0`: the initialised student, same shapes as a trained one); time to
 first token (bench's MLX worker, each model in its own process, rounds interleaved so load drifts hit all
 alike) and the vision tower alone, side by side in one run.
+
+Each training, distilling and scoring command is a step (experiments/steps.py: logs/<step>.log under --out); a
+rerun skips the finished ones.
 """
 
 from __future__ import annotations
@@ -17,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from bonsai_mlx.core.io import atomic_write_text
+from experiments.steps import Steps
 
-PY = sys.executable
 TYPES = ("colour", "count", "position", "shape", "yesno")
 # name -> distill_vision flags. The embedded tower: 3 layers, width 128, 4 heads of 32, MLP 512.
 MINI_STUDENTS = {
@@ -42,87 +43,67 @@ FULL_STUDENTS = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"[distill_vision {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _run(cmd: list[str], log: Path) -> None:
-    """One step as its own process, output to `log`; a failure stops the experiment naming the log."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n  see {log}: " + " | ".join(tail))
-
-
-def _score(model: Path, data: Path, out: Path) -> dict:
-    if not out.is_file():
-        images = str(data / "images")
-        cmd = [PY, "-m", "bonsai_mlx.embedded", "score", str(model), str(data / "eval.json"), "--image-root", images]
-        _run([*cmd, "--out", str(out)], out.with_suffix(".log"))
+def _score(steps: Steps, model: Path, data: Path, out: Path) -> dict:
+    """Held-out exact match per question type (bonsai_mlx.embedded score), kept in `out`."""
+    args = ["score", str(model), str(data / "eval.json"), "--image-root", str(data / "images"), "--out", str(out)]
+    steps.run(str(out.relative_to(steps.root).with_suffix("")), "bonsai_mlx.embedded", *args, done=out)
     return json.loads(out.read_text())
 
 
-def _heal(model: Path, data: Path, work: Path, steps: int, lr: float, batch: int = 32) -> Path:
-    """A short align run (projector only) on the task's training data, fused into a full checkpoint."""
+def _heal(steps: Steps, model: Path, data: Path, work: Path, n: int, lr: float, batch: int = 32) -> Path:
+    """A short align run (projector only, `n` steps) on the task's training data, fused into a full checkpoint."""
     healed = work / "healed"
-    if (healed / "config.json").is_file():
-        return healed
-    opts = {"group_by_length": False, "max_length": 128, "eval_every": 0, "save_every": 0, "log_every": 20}
-    atomic_write_text(work / "heal.json", json.dumps(opts))
-    cmd = [PY, "-m", "bonsai_mlx.train", "--model", str(model), "--data", str(data / "train.json")]
-    cmd += ["--image-root", str(data / "images"), "--stage", "align", "--max-steps", str(steps)]
-    cmd += ["--batch-size", str(batch), "--lr", str(lr), "--warmup", "20", "--out", str(work / "heal")]
-    _run([*cmd, "--config", str(work / "heal.json")], work / "heal.log")
-    from bonsai_mlx.conversion.fuse import fuse
 
-    fuse(model, work / "heal", healed)
+    def heal(log: Path) -> None:
+        opts = {"group_by_length": False, "max_length": 128, "eval_every": 0, "save_every": 0, "log_every": 20}
+        atomic_write_text(work / "heal.json", json.dumps(opts))
+        args = ["--model", str(model), "--data", str(data / "train.json"), "--image-root", str(data / "images")]
+        args += ["--stage", "align", "--max-steps", str(n), "--batch-size", str(batch), "--lr", str(lr)]
+        args += ["--warmup", "20", "--out", str(work / "heal"), "--config", str(work / "heal.json")]
+        steps.command(log, "bonsai_mlx.train", *args)
+        from bonsai_mlx.conversion.fuse import fuse
+
+        fuse(model, work / "heal", healed)
+
+    steps.step(f"{work.relative_to(steps.root)}/heal", heal, done=healed / "config.json", clear=[healed])
     return healed
 
 
 def miniature(a: argparse.Namespace) -> dict:
     out = Path(a.out)
+    steps = Steps(out, "distill_vision")
     teacher_run = out / "teacher"
     data = teacher_run / "data"
     teacher = teacher_run / "model"
-    if not (teacher / "config.json").is_file():
-        _log(f"training the teacher: the embedded default, {a.teacher_steps} steps")
-        cmd = [PY, "-m", "bonsai_mlx.train", "--out", str(teacher_run), "--max-steps", str(a.teacher_steps)]
-        _run([*cmd, "--eval-every", "0", "--seed", str(a.seed)], out / "teacher.log")
+    steps.say(f"the teacher: the embedded default, {a.teacher_steps} steps")
+    args = ["--out", str(teacher_run), "--max-steps", str(a.teacher_steps), "--eval-every", "0", "--seed", str(a.seed)]
+    steps.run("teacher", "bonsai_mlx.train", *args, done=teacher / "config.json")
     results: dict = {"setup": vars(a), "rows": {}}
-    _log("scoring the teacher, then healing it the same way as a control")
+    steps.say("scoring the teacher, then healing it the same way as a control")
+    distilled = _score(steps, teacher, data, out / "teacher_acc.json")
+    healed = _heal(steps, teacher, data, out / "teacher-heal", a.heal_steps, a.heal_lr)
     results["rows"]["teacher"] = {
-        "distilled": _score(teacher, data, out / "teacher_acc.json"),
-        "healed": _score(
-            _heal(teacher, data, out / "teacher-heal", a.heal_steps, a.heal_lr), data, out / "teacher_healed_acc.json"
-        ),
+        "distilled": distilled,
+        "healed": _score(steps, healed, data, out / "teacher_healed_acc.json"),
     }
     for name in a.students.split(","):
         if name not in MINI_STUDENTS:
             raise SystemExit(f"--students: unknown {name!r} (choose from {', '.join(MINI_STUDENTS)})")
         work = out / name
         student = work / "distilled"
-        if not (student / "config.json").is_file():
-            _log(f"{name}: distilling ({' '.join(MINI_STUDENTS[name])}, {a.distill_steps} steps)")
-            cmd = [
-                PY,
-                "-m",
-                "bonsai_mlx.distill_vision",
-                "--teacher",
-                str(teacher),
-                "--images",
-                str(data / "train.json"),
-            ]
-            cmd += ["--image-root", str(data / "images"), "--out", str(student), "--steps", str(a.distill_steps)]
-            cmd += ["--batch-size", "64", "--lr", str(a.distill_lr), "--seed", str(a.seed), "--save-every", "0"]
-            _run([*cmd, *MINI_STUDENTS[name]], work / "distill.log")
+        steps.say(f"{name}: distilling ({' '.join(MINI_STUDENTS[name])}, {a.distill_steps} steps)")
+        args = ["--teacher", str(teacher), "--images", str(data / "train.json"), "--image-root", str(data / "images")]
+        args += ["--out", str(student), "--steps", str(a.distill_steps), "--batch-size", "64"]
+        args += ["--lr", str(a.distill_lr), "--seed", str(a.seed), "--save-every", "0", *MINI_STUDENTS[name]]
+        steps.run(f"{name}/distill", "bonsai_mlx.distill_vision", *args, done=student / "config.json")
         report = json.loads((student / "distill_vision.json").read_text())
-        _log(f"{name}: scoring, healing ({a.heal_steps} align steps), scoring")
+        steps.say(f"{name}: scoring, healing ({a.heal_steps} align steps), scoring")
         results["rows"][name] = {
             "report": report,
-            "distilled": _score(student, data, work / "acc_distilled.json"),
-            "healed": _score(_heal(student, data, work, a.heal_steps, a.heal_lr), data, work / "acc_healed.json"),
+            "distilled": _score(steps, student, data, work / "acc_distilled.json"),
+            "healed": _score(
+                steps, _heal(steps, student, data, work, a.heal_steps, a.heal_lr), data, work / "acc_healed.json"
+            ),
         }
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     teacher_params = next(iter(r["report"] for n, r in results["rows"].items() if "report" in r), {}).get(
@@ -196,6 +177,7 @@ def ttft(a: argparse.Namespace) -> dict:
     from bonsai_mlx.bench import bench_image, random_pico, spawn
 
     out = Path(a.out)
+    steps = Steps(out, "distill_vision")
     base = random_pico()
     imgs = out / "images"
     if not imgs.is_dir():
@@ -205,32 +187,23 @@ def ttft(a: argparse.Namespace) -> dict:
     models = {"teacher (SigLIP-B/16, 12 layers)": base}
     for name, flags in FULL_STUDENTS.items():
         d = out / name
-        if not (d / "config.json").is_file():
-            _log(f"{name}: cutting the student from the random teacher ({' '.join(flags)})")
-            cmd = [PY, "-m", "bonsai_mlx.distill_vision", "--teacher", str(base), "--images", str(imgs)]
-            _run(
-                [*cmd, "--out", str(d), "--steps", "0", "--batch-size", "8", "--save-every", "0", *flags],
-                out / f"{name}.log",
-            )
+        steps.say(f"{name}: cutting the student from the random teacher ({' '.join(flags)})")
+        args = ["--teacher", str(base), "--images", str(imgs), "--out", str(d), "--steps", "0", "--batch-size", "8"]
+        steps.run(name, "bonsai_mlx.distill_vision", *args, "--save-every", "0", *flags, done=d / "config.json")
         models[name] = d
     rows: dict[str, dict] = {n: {"ttft": [], "tower": []} for n in models}
     for r in range(a.rounds):
         for n, d in models.items():
-            _log(f"round {r + 1}/{a.rounds}: {n}")
+            steps.say(f"round {r + 1}/{a.rounds}: {n}")
             res = spawn("mlx", d, a.tokens)
             if "error" in res:
                 raise SystemExit(f"{n}: bench worker failed: {res['error']}")
             rows[n]["ttft"].append(res["ttft_s"])
             rows[n]["prompt_tokens"] = res["prompt_tokens"]
             rows[n]["peak_gb"] = res["peak_gb"]
-            p = subprocess.run(
-                [PY, "-m", "bonsai_mlx.experiments.distill_vision", "tower-time", str(d)],
-                capture_output=True,
-                text=True,
-            )
-            if p.returncode != 0:
-                raise SystemExit(f"{n}: tower timing failed: {p.stderr.strip().splitlines()[-1:]}")
-            t = json.loads(p.stdout.strip().splitlines()[-1])
+            t = steps.command(steps.log_path("tower-time"), "experiments.distill_vision", "tower-time", str(d))
+            if t is None:
+                raise SystemExit(f"{n}: tower-time printed no result (log: {steps.log_path('tower-time')})")
             rows[n]["tower"].append(t["tower_s"])
             rows[n]["vision_params"] = t["vision_params"]
         results = {"setup": vars(a), "rounds_done": r + 1, "rows": rows}  # written every round: a cut run keeps them
@@ -262,7 +235,7 @@ def ttft_table(rows: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m bonsai_mlx.experiments.distill_vision",
+        prog="python -m experiments.distill_vision",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""python -m train_cuda.experiments.recipe: the LLaVA / Bonsai Phase I recipe end to end, in miniature.
+"""python -m experiments.recipe: the LLaVA / Bonsai Phase I recipe end to end, in miniature.
 
 Pretrained parts -> assemble -> align the projector -> QLoRA instruction tuning -> fuse -> 4-bit, on the
 built-in shapes task (bonsai_mlx.core.synthetic), with a from-scratch `--stage full` run on the same data at
@@ -25,8 +25,9 @@ cleared and run again):
 Why here: (a) and (b) train in PyTorch with transformers' own Qwen2ForCausalLM and SiglipModel (its
 `return_loss=True` is SigLIP's sigmoid loss), and torch may not enter bonsai_mlx (tests/test_layers.py). The
 CUDA side may import only bonsai_mlx.core, so every MLX step (convert, train, evaluate) runs through the project's
-CLIs, as a user would type them, in another process than this PyTorch one: train_cuda.experiments.cli_worker runs
-them one after another as `python -m` would, so their ~5 s of imports each are paid once. Pretraining runs in
+CLIs, as a user would type them, in another process than this PyTorch one: the step runner's worker
+(experiments/steps.py) runs them one after another as `python -m` would, so their ~5 s of imports each are paid
+once. Pretraining runs in
 this process, on CPU (or a GPU when torch sees one).
 """
 
@@ -38,24 +39,20 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bonsai_mlx.core.cli import add_options, from_args
-from bonsai_mlx.core.errors import BonsaiError, UserError
-from train_cuda.fit import fit
+from bonsai_mlx.core.errors import UserError
+from experiments.fit import fit
+from experiments.steps import Steps, say
 
 IMAGE = "<image>"
 CAPTION = "caption"  # the record type of caption samples (synthetic.sample's)
-
-
-class StageFailed(BonsaiError):
-    """A stage of the recipe failed; the message names the stage and its log file."""
+CONVERT = "bonsai_mlx.convert"  # `bonsai convert`, as an installed user runs it
 
 
 @dataclass
@@ -73,7 +70,7 @@ class Setup:
     vision_layers: int | None = None
     patch_size: int | None = 24
     # Pretraining init: the tiny recipe's (bonsai_mlx.tiny.TinyRecipe), not transformers' 0.02, which at width 128
-    # leaves attention near uniform: measured (scripts/recipe_diagnose.py), an LM pretrained from 0.02 answered no
+    # leaves attention near uniform: measured (experiments/recipe_diagnose.py), an LM pretrained from 0.02 answered no
     # better with the caption in its context than without, so no projector could make it read an image.
     init_std: float = 0.08
     # (a) the language model (800 steps: at 400 it had only begun to answer from its context)
@@ -124,103 +121,32 @@ QUICK = dict(
 )
 
 
-def _log(msg: str, logf: Path | None = None) -> None:
-    line = f"[recipe {time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    if logf is not None:
-        with open(logf, "a") as f:
-            f.write(line + "\n")
+def _log(msg: str, log: Path | None = None) -> None:
+    say("recipe", msg, log)
 
 
-def _cpu() -> float:
-    """CPU seconds of this process and its finished children: the work done, whatever else shares the cores."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
+@dataclass
 class Recipe:
-    """Runs the stages in order, each once: stages.json holds the finished ones and their wall time."""
+    """One run: its settings and its steps (stages.json holds the finished stages, their wall and CPU time)."""
 
-    def __init__(self, s: Setup):
-        self.s = s
-        self.out = Path(s.out)
-        self.logs = self.out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.state_path = self.out / "stages.json"
-        self.state: dict = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
-        self.ran: list[str] = []  # stages run (not skipped) by this call
-        self.worker: subprocess.Popen | None = None  # the MLX commands' process (cli_worker), started on first use
-        self.worker_cpu = 0.0  # CPU seconds of the commands it ran (os.times() counts no child still running)
+    s: Setup
+    steps: Steps
 
-    def _save_state(self) -> None:
-        from bonsai_mlx.core.io import atomic_write_text
+    @property
+    def out(self) -> Path:
+        return self.steps.root
 
-        atomic_write_text(self.state_path, json.dumps(self.state, indent=2))
+    @property
+    def state(self) -> dict:
+        return self.steps.state
 
     def stage(self, name: str, outputs: list[str], fn: Callable[[Path], dict | None]) -> None:
-        if name in self.state:
-            _log(f"{name}: done already ({self.state[name]['seconds']:.0f} s), skipped")
-            return
-        log = self.logs / f"{name}.log"
-        log.unlink(missing_ok=True)
-        for o in outputs:  # what an interrupted try left
-            shutil.rmtree(self.out / o, ignore_errors=True)
-        _log(f"{name}: running (log {log})")
-        t, c = time.perf_counter(), _cpu() + self.worker_cpu
-        try:
-            info = fn(log) or {}
-        except StageFailed as e:
-            raise StageFailed(f"stage {name} failed: {e} (log: {log})") from None
-        except Exception as e:
-            with open(log, "a") as f:
-                traceback.print_exc(file=f)
-            raise StageFailed(f"stage {name} failed: {type(e).__name__}: {e} (log: {log})") from None
-        cpu = round(_cpu() + self.worker_cpu - c, 1)
-        self.state[name] = {"seconds": round(time.perf_counter() - t, 1), "cpu_seconds": cpu, **info}
-        self._save_state()
-        self.ran.append(name)
-        _log(f"{name}: done in {self.state[name]['seconds']:.0f} s")
+        """One stage, once; `outputs`: its folders under --out, cleared of what an interrupted try left."""
+        self.steps.step(name, fn, clear=[self.out / o for o in outputs])
 
     def cli(self, log: Path, module: str, *args: str) -> None:
-        """One MLX-side command, as `python -m` runs it, in the MLX worker process (cli_worker: one process
-        for all of them, never this PyTorch one), its output appended to the stage's log."""
-        with open(log, "a") as f:
-            f.write(f"$ python -m {module} {' '.join(args)}\n")
-        code = self._run_in_worker(module, list(args), log)
-        if code != 0:
-            last = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            raise StageFailed(f"python -m {module} exited {code}: {last[-1] if last else ''}".strip())
-
-    def _run_in_worker(self, module: str, args: list[str], log: Path) -> int:
-        from train_cuda.experiments.cli_worker import REPLY
-
-        if self.worker is None or self.worker.poll() is not None:
-            cmd = [sys.executable, "-m", "train_cuda.experiments.cli_worker"]
-            self.worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        w = self.worker
-        assert w.stdin is not None and w.stdout is not None
-        try:
-            w.stdin.write(json.dumps({"module": module, "args": args, "log": str(log)}) + "\n")
-            w.stdin.flush()
-            for line in w.stdout:
-                if line.startswith(REPLY + " "):
-                    _, code, cpu = line.split()
-                    self.worker_cpu += float(cpu)
-                    return int(code)
-        except BrokenPipeError:
-            pass
-        code = w.wait()  # it died mid-command (killed, crashed): the next command gets a new one
-        with open(log, "a") as f:
-            f.write(f"the MLX worker process exited {code} during this command\n")
-        return code or 1
-
-    def close(self) -> None:
-        """Let the worker process finish (end of its input) and wait for it."""
-        if self.worker is not None:
-            if self.worker.stdin is not None:
-                self.worker.stdin.close()
-            self.worker.wait()
-            self.worker = None
+        """One MLX-side command, as `python -m` runs it, in the steps' worker process (never this PyTorch one)."""
+        self.steps.command(log, module, *args)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -521,11 +447,8 @@ def check_setup(path: Path, s: Setup) -> None:
 
 
 def run(s: Setup) -> dict:
-    r = Recipe(s)
-    try:
-        return _run(r)
-    finally:
-        r.close()
+    with Steps(s.out, "recipe", state="stages.json", noun="stage", worker=True) as steps:
+        return _run(Recipe(s, steps))
 
 
 def _run(r: Recipe) -> dict:
@@ -543,14 +466,14 @@ def _run(r: Recipe) -> dict:
         for k in ("width", "layers", "vision_layers", "patch_size"):
             if getattr(s, k) is not None:
                 args += [f"--{k.replace('_', '-')}", str(getattr(s, k))]
-        r.cli(log, "convert", *args, str(out / "scratch"))
+        r.cli(log, CONVERT, *args, str(out / "scratch"))
         return {}
 
     r.stage("scratch", ["scratch"], scratch)
     r.stage("lm", ["lm"], lambda log: pretrain_lm(s, out, out / "lm", log))
     r.stage("siglip", ["siglip"], lambda log: pretrain_siglip(s, out, out / "siglip", log))
     parts = ["init", "--vision", str(out / "siglip"), "--text", str(out / "lm"), str(out / "pico-assembled")]
-    r.stage("assemble", ["pico-assembled"], lambda log: r.cli(log, "convert", *parts))
+    r.stage("assemble", ["pico-assembled"], lambda log: r.cli(log, CONVERT, *parts))
     r.stage("eval-assembled", ["eval/assembled"], lambda log: _evaluate(r, "pico-assembled", "assembled", log))
 
     b = s.batch_size
@@ -573,7 +496,7 @@ def _run(r: Recipe) -> dict:
         )
         r.cli(log, "bonsai_mlx.train", "--config", str(cfg))
         final = str(out / "align" / "checkpoints" / "final")
-        r.cli(log, "convert", "fuse", str(out / "pico-assembled"), final, str(out / "pico-aligned"))
+        r.cli(log, CONVERT, "fuse", str(out / "pico-assembled"), final, str(out / "pico-aligned"))
         return {}
 
     r.stage("align", ["align", "pico-aligned"], align)
@@ -604,8 +527,8 @@ def _run(r: Recipe) -> dict:
 
     def fuse(log: Path) -> dict:
         final = str(out / "instruct" / "checkpoints" / "final")
-        r.cli(log, "convert", "fuse", str(out / "pico-aligned"), final, str(out / "pico-instruct"))
-        r.cli(log, "convert", "to-mlx", str(out / "pico-instruct"), str(out / "pico-4bit"), "--quantize", "4")
+        r.cli(log, CONVERT, "fuse", str(out / "pico-aligned"), final, str(out / "pico-instruct"))
+        r.cli(log, CONVERT, "to-mlx", str(out / "pico-instruct"), str(out / "pico-4bit"), "--quantize", "4")
         return {}
 
     r.stage("fuse", ["pico-instruct", "pico-4bit"], fuse)
@@ -686,7 +609,7 @@ def report(summary: dict) -> str:
     lm, sg = summary["lm"], summary["siglip"]
     n_q = sum(types[t] for t in qtypes)
     lines = [
-        "# The two-stage recipe in miniature (train_cuda.experiments.recipe)",
+        "# The two-stage recipe in miniature (experiments.recipe)",
         "",
         f"Held-out: {n_q} questions (one per unseen image) and {types.get(CAPTION, 0)} reference captions. "
         "Accuracy is greedy exact match; caption perplexity is per token over the reference captions given the "
@@ -734,7 +657,7 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m train_cuda.experiments.recipe",
+        prog="python -m experiments.recipe",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

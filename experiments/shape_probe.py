@@ -1,7 +1,7 @@
 """Can a tiny SigLIP-shaped tower learn the embedded task's shapes at all, given the best possible signal?
 
-    python scripts/shape_probe.py --arch vit --patch 24 --steps 1800
-    python scripts/shape_probe.py --arch cnn --steps 1800
+    python -m experiments.shape_probe --arch vit --patch 24 --steps 1800
+    python -m experiments.shape_probe --arch cnn --steps 1800
 
 Issue 16 asks `python -m bonsai_mlx.train` to reach >= 95% on shape questions in 10 minutes on 2 cores. Through the
 LM, the tower learns shape only from the answer token of a shape question. This script removes the LM: it crops each

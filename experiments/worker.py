@@ -1,5 +1,5 @@
-"""python -m train_cuda.experiments.cli_worker: run `python -m MODULE ARGS...` commands one after another in this
-one process, each with its output appended to its own log file.
+"""python -m experiments.worker: run `python -m MODULE ARGS...` commands one after another in this one process,
+each with its output appended to its own log file (the step runner's `worker=True`, experiments/steps.py).
 
 Why: a project CLI spends ~5 CPU seconds importing mlx-lm, transformers and torch before it does anything, and a
 smoke-sized recipe runs 15 of them (~75 of its ~95 CPU seconds). The recipe keeps every MLX step out of its own
@@ -7,13 +7,15 @@ smoke-sized recipe runs 15 of them (~75 of its ~95 CPU seconds). The recipe keep
 would run it (`runpy`, `__name__ == "__main__"`, `sys.argv`), and the CLIs seed their own randomness.
 
 Protocol: one JSON object per line on stdin, {"module": str, "args": [str], "log": path}; for each, one line
-`cli-worker-exit N CPU` on stdout (N: the command's exit status, 1 for an uncaught exception, whose traceback
-goes to the log; CPU: the CPU seconds it took). Anything else on stdout is not a reply.
+`cli-worker-exit {"code": N, "cpu": S, "last": LINE}` on stdout (N: the command's exit status, 1 for an uncaught
+exception, whose traceback goes to the log; S: the CPU seconds it took; LINE: the last non-empty line it printed
+on stdout, its result when that is JSON). Anything else on stdout is not a reply.
 """
 
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import runpy
@@ -29,8 +31,28 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def run_one(module: str, args: list[str], log: str) -> int:
-    """Run one command with fds 1 and 2 appended to `log` (so C-level output lands there too); its exit status."""
+class _LastLine(io.TextIOWrapper):
+    """A command's sys.stdout: writes go to the log, and the last non-empty line is kept (the step's result)."""
+
+    def __init__(self, fd: int):
+        super().__init__(io.BufferedWriter(io.FileIO(fd, "w")), encoding="utf-8", line_buffering=True)
+        self._last, self._partial = "", ""
+
+    def write(self, s: str) -> int:
+        *lines, self._partial = (self._partial + s).split("\n")
+        for ln in lines:
+            self._last = ln.strip() or self._last
+        return super().write(s)
+
+    @property
+    def last_line(self) -> str:
+        """The last non-empty line written, counting one that no newline ended."""
+        return self._partial.strip() or self._last
+
+
+def run_one(module: str, args: list[str], log: str, last: list[str] | None = None) -> int:
+    """Run one command with fds 1 and 2 appended to `log` (so C-level output lands there too); its exit status.
+    `last`, when given, receives the last non-empty line the command printed through sys.stdout."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -40,7 +62,7 @@ def run_one(module: str, args: list[str], log: str) -> int:
     argv, streams = sys.argv, (sys.stdout, sys.stderr)
     sys.argv = [module, *args]
     # fresh Python streams on the log: a command may close its sys.stdout (json.tool does), not the worker's
-    sys.stdout = open(os.dup(fd), "w", buffering=1)  # noqa: SIM115 (closed below)
+    sys.stdout = out = _LastLine(os.dup(fd))
     sys.stderr = open(os.dup(fd), "w", buffering=1)  # noqa: SIM115
     try:
         with warnings.catch_warnings():  # a CLI module already imported by another one: runpy says so, harmlessly
@@ -58,6 +80,8 @@ def run_one(module: str, args: list[str], log: str) -> int:
         code = 1
     finally:
         sys.argv = argv
+        if last is not None:
+            last.append(out.last_line)
         for f in (sys.stdout, sys.stderr):
             if not f.closed:
                 f.close()
@@ -75,9 +99,9 @@ def main() -> int:
         if not line.strip():
             continue
         req = json.loads(line)
-        t0 = _cpu()
-        code = run_one(req["module"], list(req["args"]), req["log"])
-        print(f"{REPLY} {code} {_cpu() - t0:.3f}", flush=True)
+        t0, last = _cpu(), []
+        code = run_one(req["module"], list(req["args"]), req["log"], last)
+        print(f"{REPLY} " + json.dumps({"code": code, "cpu": round(_cpu() - t0, 3), "last": last[0]}), flush=True)
     return 0
 
 

@@ -1,7 +1,8 @@
 """A plain PyTorch fitting loop for the experiments' small pre-training stages (everything trains): AdamW, the
 trainers' one learning-rate curve (core/runs.py), gradient clipping, a log line every `log_every` steps.
 
-The Phase I/II trainer is `train_cuda/trainer.py`; this is for models the experiments build from scratch.
+The Phase I/II trainer is `train_cuda/trainer.py`; this is for models the experiments build from scratch, so it
+lives with them (not installed).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Needs llama-cpp-python built from source in some environment (its sdist compiles llama.cpp):
     python3 -m venv .venv-llama && /work/venv-llama/bin/pip install llama-cpp-python
-    python scripts/llama_cpp_proof.py --llama-python .venv-llama/bin/python
+    python -m experiments.llama_cpp_proof --llama-python .venv-llama/bin/python
 
 For each GGUF type the same images are answered by llama.cpp (llama-cpp-python's multimodal chat handler,
 the mtmd/clip code) and by bonsai_mlx on the same checkpoint; the table gives how many answers are equal
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
+    from bonsai_mlx.convert.__main__ import main as convert
     from bonsai_mlx.core.config import PicoConfig
-    from convert.__main__ import main as convert
 
     work = Path(a.work or tempfile.mkdtemp(prefix="llama-proof-"))
     work.mkdir(parents=True, exist_ok=True)

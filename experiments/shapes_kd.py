@@ -1,4 +1,4 @@
-"""python -m train_cuda.experiments.shapes_kd: does distilling a bigger teacher help a tiny Pico? In miniature.
+"""python -m experiments.shapes_kd: does distilling a bigger teacher help a tiny Pico? In miniature.
 
 1. Draws the embedded synthetic shapes task (bonsai_mlx.core.synthetic).
 2. Builds a teacher of the LLaVA-1.5 shape (CLIP vision with its own 6x6 grid, Llama LM, its own Unigram
@@ -15,6 +15,7 @@
    The teacher has its own tokenizer, so the logit arms are the cross-tokenizer modes of issue 17.
 5. Reports held-out greedy exact match of the teacher and of every student, overall and per question type,
    mean ± sd over seeds: results.json and results.md.
+Each part is a step (experiments/steps.py: logs/<step>.log under --out); a rerun skips the finished ones.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bonsai_mlx.core.cli import add_options, from_args, opt
+from bonsai_mlx.core.synthetic import DEFAULT_DATA
+from experiments.steps import Steps, say
 
 
 @dataclass
@@ -75,69 +76,42 @@ def parse_arms(spec: str) -> list[str]:
     return list(dict.fromkeys(arms))
 
 
-def _log(msg: str) -> None:
-    print(f"[shapes_kd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 def run(s: Setup) -> dict:
-    from bonsai_mlx.core import synthetic
     from bonsai_mlx.core.io import atomic_write_text
-    from bonsai_mlx.core.synthetic import DEFAULT_DATA
-    from train_cuda.experiments import tiny_teacher
 
     out = Path(s.out)
-    data = out / "data"
-    if not (data / "eval.json").is_file():
-        _log(f"drawing {s.n_train} training and {s.n_eval} held-out samples")
-        synthetic.export(data, s.n_train, s.n_eval, seed=0, size=DEFAULT_DATA["image_size"])
-    if s.aspect == "mixed" and not (data / "non_square.json").is_file():
-        n = make_non_square(data / "images")
-        atomic_write_text(data / "non_square.json", json.dumps({"images": n}))
+    data, teacher, init, cache = out / "data", out / "teacher", out / "student-init", out / "cache"
+    images = str(data / "images")
+    steps = Steps(out, "shapes_kd")
+    steps.step("data", lambda log: draw(s, data), done=data / "eval.json")
+    if s.aspect == "mixed":
+        steps.step("non-square", lambda log: make_non_square(data), done=data / "non_square.json")
     train = json.loads((data / "train.json").read_text())
     held = json.loads((data / "eval.json").read_text())
     small = data / "student_share.json"
     atomic_write_text(small, json.dumps(train[: max(1, int(len(train) * s.share))]))
-    images = str(data / "images")
 
-    teacher = out / "teacher"
-    if not (teacher / "trained.json").is_file():
-        tiny_teacher.build(
-            teacher,
-            synthetic.corpus(),
-            hidden=s.teacher_hidden,
-            layers=s.teacher_layers,
-            vision_hidden=s.teacher_vision_hidden,
-            image_size=DEFAULT_DATA["image_size"],
-            patch_size=8,
-            vocab_size=400,
-            init_std=0.08,  # as the student's: 0.02 is sized for wide models (see bonsai_mlx.embedded)
-        )
-        _log(f"training the teacher ({s.teacher_steps} steps on {len(train)} samples)")
-        tiny_teacher.train(teacher, train, images, s.teacher_steps, s.batch_size, s.teacher_lr, log=_log)
-        acc = tiny_teacher.accuracy(teacher, held, images)
-        atomic_write_text(teacher / "trained.json", json.dumps({"heldout_exact_match": acc}))
+    steps.step("teacher", lambda log: train_teacher(s, teacher, train, held, images), done=teacher / "trained.json")
     teacher_acc = json.loads((teacher / "trained.json").read_text())["heldout_exact_match"]
-    _log(f"teacher held-out exact match: {teacher_acc:.1%}")
+    steps.say(f"teacher held-out exact match: {teacher_acc:.1%}")
 
-    init = out / "student-init"
-    _mlx("bonsai_mlx.embedded", "init", str(init), "--image-size", str(DEFAULT_DATA["image_size"]))
-    cache = out / "cache"
-    from train_cuda.extract import main as extract
-
+    size = str(DEFAULT_DATA["image_size"])
+    steps.run("student-init", "bonsai_mlx.embedded", "init", str(init), "--image-size", size, clear=[init])
     logits = any(ARMS[a][1] for a in s.arms)
-    extract(
-        ["--teacher", str(teacher), "--data", str(small), "--image-root", images, "--student-tokenizer", str(init)]
-        + [f"--layers={s.layers}", "--out", str(cache), "--batch-size", "16"]
-        + (["--logits-topk", str(s.logits_topk)] if logits else [])
-    )
+    steps.step("extract", lambda log: extract(s, teacher, small, images, init, cache, logits))
     rows = []
     for seed in s.seeds:
         for arm in s.arms:
             run_dir = out / f"{arm}-seed{seed}"
-            if not (run_dir / "heldout.json").is_file():
-                _log(f"student {arm}, seed {seed}")
-                _train_student(s, init, small, images, run_dir, seed, cache if ARMS[arm][0] else None, ARMS[arm][1])
-                _score(run_dir, data / "eval.json", images)
+            args = _student_args(s, init, small, images, run_dir, seed, cache if ARMS[arm][0] else None, ARMS[arm][1])
+            score = ["score", str(run_dir / "model"), str(data / "eval.json"), "--image-root", images]
+            score += ["--out", str(run_dir / "heldout.json")]
+
+            def student(log: Path, args=args, score=score) -> None:
+                steps.command(log, "bonsai_mlx.train", *args)
+                steps.command(log, "bonsai_mlx.embedded", *score)
+
+            steps.step(f"{arm}-seed{seed}", student, done=run_dir / "heldout.json")
             rows.append({"arm": arm, "seed": seed, **json.loads((run_dir / "heldout.json").read_text())})
     summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows, "layer_map": _layer_map(cache, init)}
     if logits:
@@ -153,27 +127,68 @@ def run(s: Setup) -> dict:
     return summary
 
 
-def make_non_square(images: Path) -> int:
+def draw(s: Setup, data: Path) -> dict:
+    """The task's training and held-out samples, drawn once."""
+    from bonsai_mlx.core import synthetic
+
+    synthetic.export(data, s.n_train, s.n_eval, seed=0, size=DEFAULT_DATA["image_size"])
+    return {"train": s.n_train, "eval": s.n_eval}
+
+
+def train_teacher(s: Setup, teacher: Path, train: list[dict], held: list[dict], images: str) -> dict:
+    """The LLaVA-1.5-shaped teacher, trained on all the training data; its held-out accuracy in trained.json."""
+    from bonsai_mlx.core import synthetic
+    from bonsai_mlx.core.io import atomic_write_text
+    from experiments import tiny_teacher
+
+    tiny_teacher.build(
+        teacher,
+        synthetic.corpus(),
+        hidden=s.teacher_hidden,
+        layers=s.teacher_layers,
+        vision_hidden=s.teacher_vision_hidden,
+        image_size=DEFAULT_DATA["image_size"],
+        patch_size=8,
+        vocab_size=400,
+        init_std=0.08,  # as the student's: 0.02 is sized for wide models (see bonsai_mlx.embedded)
+    )
+    log = lambda m: say("shapes_kd", m)  # noqa: E731
+    log(f"training the teacher ({s.teacher_steps} steps on {len(train)} samples)")
+    tiny_teacher.train(teacher, train, images, s.teacher_steps, s.batch_size, s.teacher_lr, log=log)
+    result = {"heldout_exact_match": tiny_teacher.accuracy(teacher, held, images)}
+    atomic_write_text(teacher / "trained.json", json.dumps(result))
+    return result
+
+
+def extract(s: Setup, teacher: Path, small: Path, images: str, init: Path, cache: Path, logits: bool) -> dict:
+    """The teacher's states at the units aligned to the student, for the students' share (train_cuda.extract)."""
+    from train_cuda.extract import main
+
+    main(
+        ["--teacher", str(teacher), "--data", str(small), "--image-root", images, "--student-tokenizer", str(init)]
+        + [f"--layers={s.layers}", "--out", str(cache), "--batch-size", "16"]
+        + (["--logits-topk", str(s.logits_topk)] if logits else [])
+    )
+    return {}
+
+
+def make_non_square(data: Path) -> dict:
     """Stretch every drawn (square) image to 2:1 or 1:2 in turn. The answers stay true (colours, counts and
     left/right/top/bottom survive a stretch), and the teacher (padding) and the student (stretching) now see
-    the image differently, as with real photos."""
+    the image differently, as with real photos. Noted in data/non_square.json."""
     from PIL import Image
 
-    paths = sorted(images.glob("*.png"))
+    from bonsai_mlx.core.io import atomic_write_text
+
+    paths = sorted((data / "images").glob("*.png"))
     for i, p in enumerate(paths):
         im = Image.open(p).convert("RGB")
         w, h = im.size
         if w != h:
             continue
         im.resize((2 * w, h) if i % 2 == 0 else (w, 2 * h), Image.BICUBIC).save(p)
-    return len(paths)
-
-
-def _mlx(module: str, *args: str) -> None:
-    """Run an MLX-side command in its own process (this one holds PyTorch)."""
-    r = subprocess.run([sys.executable, "-m", module, *args])
-    if r.returncode != 0:
-        raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {r.returncode})")
+    atomic_write_text(data / "non_square.json", json.dumps({"images": len(paths)}))
+    return {"images": len(paths)}
 
 
 def _layer_map(cache: Path, init: Path) -> str:
@@ -207,9 +222,10 @@ def _logit_note(cache: Path, init: Path) -> str:
     return note + (f" (the top-k hold {p.topk_mass:.1%} of its whole distribution)" if p.topk_mass else "")
 
 
-def _train_student(
+def _student_args(
     s: Setup, init: Path, data: Path, images: str, run_dir: Path, seed: int, cache, kl_mode: str | None = None
-) -> None:
+) -> list[str]:
+    """`bonsai_mlx.train`'s arguments for one student: the embedded Pico from scratch, one arm, one seed."""
     args = ["--model", str(init), "--data", str(data), "--image-root", images, "--stage", "full"]
     args += ["--max-steps", str(s.student_steps), "--batch-size", str(s.batch_size), "--lr", str(s.student_lr)]
     args += ["--warmup", str(max(1, s.student_steps // 10)), "--seed", str(seed), "--out", str(run_dir)]
@@ -218,19 +234,14 @@ def _train_student(
         args += ["--teacher-cache", str(cache), "--alpha", str(s.alpha)]
     if kl_mode is not None:
         args += ["--kl-mode", kl_mode, "--kl-weight", str(s.kl_weight)]
-    _mlx("bonsai_mlx.train", *args)
-
-
-def _score(run_dir: Path, eval_json: Path, images: str) -> None:
-    model, out = str(run_dir / "model"), str(run_dir / "heldout.json")
-    _mlx("bonsai_mlx.embedded", "score", model, str(eval_json), "--image-root", images, "--out", out)
+    return args
 
 
 def report(summary: dict) -> str:
     s = summary["setup"]
     n_small = int(s["n_train"] * s["share"])
     lines = [
-        "# Distillation in miniature (train_cuda.experiments.shapes_kd)",
+        "# Distillation in miniature (experiments.shapes_kd)",
         "",
         f"Teacher (LLaVA-1.5 shape: CLIP 6x6 grid + Llama {s['teacher_layers']}x{s['teacher_hidden']}, own "
         f"tokenizer) trained on {s['n_train']} samples: held-out exact match **{summary['teacher']:.1%}**.",
@@ -270,7 +281,7 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m train_cuda.experiments.shapes_kd",
+        prog="python -m experiments.shapes_kd",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,8 +1,8 @@
 """Why does alignment not teach the recipe's frozen tiny LM to read the image? Cheap measurements on a recipe run.
 
-    python scripts/recipe_diagnose.py RUN_DIR [--n 300] [--probe 3000] [--threads 1]
+    python -m experiments.recipe_diagnose RUN_DIR [--n 300] [--probe 3000] [--threads 1]
 
-RUN_DIR is a `python -m train_cuda.experiments.recipe --out RUN_DIR` directory with at least its `lm` and `siglip`
+RUN_DIR is a `python -m experiments.recipe --out RUN_DIR` directory with at least its `lm` and `siglip`
 stages done. Prints one JSON object:
 
 - `lm`: the pretrained LM (a) on held-out "caption, then question" text (`grounded_records` with an unseen seed):
@@ -42,7 +42,7 @@ def lm_reading(run: Path, n: int) -> dict:
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from train_cuda.experiments.recipe import CAPTION, grounded_records
+    from experiments.recipe import CAPTION, grounded_records
 
     tok = AutoTokenizer.from_pretrained(str(run / "lm"))
     lm = Qwen2ForCausalLM.from_pretrained(str(run / "lm")).eval()

@@ -1,6 +1,6 @@
 """How often the llama.cpp engine's greedy answer equals MLX's, per GGUF type (docs/engines.md's table).
 
-    python scripts/llama_engine_agreement.py runs/shapes/model --types f32,f16,q8_0,q4_0 --n 10
+    python -m experiments.llama_engine_agreement runs/shapes/model --types f32,f16,q8_0,q4_0 --n 10
 
 Held-out questions of the embedded task, each image square, stretched to 2:1 and to 1:2; MLX float32 and
 llama.cpp (`bonsai_mlx.engines.llama_cpp`, the GGUF pair from the cache beside the model) on the same directory.

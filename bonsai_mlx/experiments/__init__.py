@@ -1,1 +1,0 @@
-"""Experiments that produce the figures in docs/ (each one command, each step its own process)."""
