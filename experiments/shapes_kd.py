@@ -13,6 +13,10 @@
        feat+uld      + the feature loss and ULD logits (sorted probabilities, any tokenizers)
        feat+shared   + the feature loss and KL over the tokens both vocabularies share
    The teacher has its own tokenizer, so the logit arms are the cross-tokenizer modes of issue 17.
+   Phase II arms continue each seed's CE student in PyTorch (train_cuda.distill: projector + LoRA, feature loss),
+   as a student is improved on a rented GPU, with the teacher's targets from either source:
+       kd-cache      from the cache that step 3 extracted
+       kd-online     from the teacher itself, run inside each step (--teacher): the same targets, no cache
 5. Reports held-out greedy exact match of the teacher and of every student, overall and per question type,
    mean ± sd over seeds: results.json and results.md.
 Each part is a step (experiments/steps.py: logs/<step>.log under --out); a rerun skips the finished ones.
@@ -57,22 +61,30 @@ class Setup:
     arms: list[str] = opt(["ce", "feat", "feat+uld", "feat+shared"], cli=False)
     logits_topk: int = opt(32, "teacher logits stored per aligned unit (logit arms)")
     kl_weight: float = opt(1.0, "weight of the logit term (logit arms)")
+    kd_steps: int = opt(200, "kd arms: train_cuda.distill steps after the CE student's")
+    kd_lr: float = opt(1e-3, "kd arms: LoRA learning rate (the projector's is 0.1 x, as LLaVA sets it)")
 
 
 # arm -> (distils from the cache, --kl-mode of its logit term or None); "distill" is the old name of "feat"
 ARMS = {"ce": (False, None), "feat": (True, None), "feat+uld": (True, "uld"), "feat+shared": (True, "shared-vocab")}
 ARM_NAMES = {"ce": "CE only", "feat": "hidden states", "feat+uld": "+ ULD logits", "feat+shared": "+ shared-vocab KL"}
+# Phase II arms (train_cuda.distill from the CE student of the same seed): arm -> where the teacher's targets come from
+KD_ARMS = {"kd-cache": "cache", "kd-online": "online"}
+ARM_NAMES |= {"kd-cache": "CE, then KD from the cache", "kd-online": "CE, then KD, teacher online"}
 QUICK_ARMS = ["ce", "feat+shared"]  # the smoke run: one logit arm (it runs the feature loss too), CI-sized
 
 
 def parse_arms(spec: str) -> list[str]:
     """ "ce,feat,feat+uld" -> the arms, in order; unknown names are refused naming the valid ones."""
-    arms = ["feat" if a.strip() == "distill" else a.strip() for a in spec.split(",") if a.strip()]
-    bad = [a for a in arms if a not in ARMS]
-    if bad or not arms:
-        from bonsai_mlx.core.errors import UserError
+    from bonsai_mlx.core.errors import UserError
 
-        raise UserError(f"--arms: unknown arm {bad[0] if bad else spec!r}; choose from {', '.join(ARMS)}")
+    arms = ["feat" if a.strip() == "distill" else a.strip() for a in spec.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS and a not in KD_ARMS]
+    if bad or not arms:
+        names = ", ".join([*ARMS, *KD_ARMS])
+        raise UserError(f"--arms: unknown arm {bad[0] if bad else spec!r}; choose from {names}")
+    if any(a in KD_ARMS for a in arms) and "ce" not in arms:
+        raise UserError("--arms: the kd arms continue the CE student of each seed; add ce")
     return list(dict.fromkeys(arms))
 
 
@@ -97,12 +109,27 @@ def run(s: Setup) -> dict:
 
     size = str(DEFAULT_DATA["image_size"])
     steps.run("student-init", "bonsai_mlx.embedded", "init", str(init), "--image-size", size, clear=[init])
-    logits = any(ARMS[a][1] for a in s.arms)
+    logits = any(ARMS[a][1] for a in s.arms if a in ARMS)
     steps.step("extract", lambda log: extract(s, teacher, small, images, init, cache, logits))
     rows = []
     for seed in s.seeds:
         for arm in s.arms:
             run_dir = out / f"{arm}-seed{seed}"
+            if arm in KD_ARMS:
+                base = out / f"ce-seed{seed}" / "model"
+                kd = _kd_args(s, base, small, images, run_dir / "train", seed, KD_ARMS[arm], cache, teacher)
+                fuse = ["fuse", str(base), str(run_dir / "train"), str(run_dir / "model")]
+                score = ["score", str(run_dir / "model"), str(data / "eval.json"), "--image-root", images]
+                score += ["--out", str(run_dir / "heldout.json")]
+
+                def phase2(log: Path, kd=kd, fuse=fuse, score=score) -> None:
+                    steps.command(log, "train_cuda.distill", *kd)
+                    steps.command(log, "bonsai_mlx.convert", *fuse)
+                    steps.command(log, "bonsai_mlx.embedded", *score)
+
+                steps.step(f"{arm}-seed{seed}", phase2, done=run_dir / "heldout.json", clear=[run_dir])
+                rows.append({"arm": arm, "seed": seed, **json.loads((run_dir / "heldout.json").read_text())})
+                continue
             args = _student_args(s, init, small, images, run_dir, seed, cache if ARMS[arm][0] else None, ARMS[arm][1])
             score = ["score", str(run_dir / "model"), str(data / "eval.json"), "--image-root", images]
             score += ["--out", str(run_dir / "heldout.json")]
@@ -116,6 +143,9 @@ def run(s: Setup) -> dict:
     summary = {"setup": asdict(s), "teacher": teacher_acc, "runs": rows, "layer_map": _layer_map(cache, init)}
     if logits:
         summary["logits"] = _logit_note(cache, init)
+    kd = [a for a in s.arms if a in KD_ARMS]
+    if kd:
+        summary["kd_tokens_per_s"] = {a: [_speed(out / f"{a}-seed{seed}" / "train") for seed in s.seeds] for a in kd}
     for arm in s.arms:
         mine = [r for r in rows if r["arm"] == arm]
         types = sorted({k for r in mine for k in r if k not in ("arm", "seed", "overall")})
@@ -201,6 +231,11 @@ def _layer_map(cache: Path, init: Path) -> str:
     return ",".join(f"{t}:{s}" for t, s in pairs)
 
 
+def _mean(xs: list) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else float("nan")
+
+
 def _stats(accs: list[float]) -> dict:
     """mean, sd (population, over the seeds) and each value."""
     return {"mean": statistics.mean(accs), "stdev": statistics.pstdev(accs), "each": accs}
@@ -237,6 +272,28 @@ def _student_args(
     return args
 
 
+def _kd_args(
+    s: Setup, base: Path, data: Path, images: str, out: Path, seed: int, source: str, cache: Path, teacher: Path
+) -> list[str]:
+    """`train_cuda.distill`'s arguments for one Phase II arm: the seed's CE student, projector + LoRA, the feature
+    loss (alpha), the teacher's targets from the cache or from the teacher online."""
+    args = ["--student", str(base), "--data", str(data), "--image-root", images, "--out", str(out)]
+    args += ["--max-steps", str(s.kd_steps), "--batch-size", str(s.batch_size), "--lr", str(s.kd_lr)]
+    args += ["--warmup", str(max(1, s.kd_steps // 10)), "--seed", str(seed), "--alpha", str(s.alpha)]
+    args += ["--lora-rank", "16", "--lora-dropout", "0", "--no-group-by-length", "--dtype", "float32"]
+    args += ["--save-every", "0", "--log-every", "20"]
+    if source == "cache":
+        return [*args, "--teacher-cache", str(cache)]
+    return [*args, "--teacher", str(teacher), f"--teacher-layers={s.layers}"]
+
+
+def _speed(train_dir: Path) -> float | None:
+    """A train_cuda run's training tokens per second over the whole run (its last metrics row)."""
+    path = train_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return rows[-1].get("tokens_per_s") if rows else None
+
+
 def report(summary: dict) -> str:
     s = summary["setup"]
     n_small = int(s["n_train"] * s["share"])
@@ -252,7 +309,16 @@ def report(summary: dict) -> str:
         "to a square, student stretches; targets pooled by region).",
     ]
     arms = s.get("arms", ["ce", "feat"])
-    if any(ARMS[a][1] for a in arms):
+    if any(a in KD_ARMS for a in arms):
+        lines.append(
+            f"KD arms: each seed's CE student, then {s.get('kd_steps')} steps of train_cuda.distill (PyTorch, "
+            f"projector + LoRA r=16, lr {s.get('kd_lr')}, feature loss alpha {s['alpha']}) on the same share, "
+            "with the teacher's targets from the cache or computed online by the teacher in each step "
+            "(training tokens/s, mean over seeds: "
+            + ", ".join(f"{a} {_mean(v):,.0f}" for a, v in summary.get("kd_tokens_per_s", {}).items())
+            + ")."
+        )
+    if any(ARMS[a][1] for a in arms if a in ARMS):
         lines.append(
             f"Logit arms: + {s.get('kl_weight', 1.0)} x the logit loss on the teacher's top-{s.get('logits_topk')} "
             f"at aligned text units and answer starts; {summary.get('logits', '')}."
@@ -302,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         s.n_train, s.n_eval, s.teacher_steps, s.student_steps, s.seeds = 200, 20, 4, 4, [0]
         s.teacher_hidden, s.teacher_vision_hidden, s.teacher_layers, s.share = 32, 32, 2, 0.5
-        s.layers, s.logits_topk = "-1,1", 8
+        s.layers, s.logits_topk, s.kd_steps = "-1,1", 8, 4
     if a.seeds is not None:
         s.seeds = [int(x) for x in a.seeds.split(",") if x]
     with friendly("shapes_kd"):

@@ -37,3 +37,31 @@ def test_arms_are_named_and_distill_stays_the_old_name_of_feat():
     assert parse_arms("ce,distill,feat+uld") == ["ce", "feat", "feat+uld"]
     with pytest.raises(ValueError, match="unknown arm 'kl'; choose from ce, feat, feat\\+uld, feat\\+shared"):
         parse_arms("ce,kl")
+
+
+def test_phase_two_arms_train_the_same_student_from_the_cache_and_online(tmp_path):
+    """The kd arms continue the CE student in train_cuda.distill: targets from the cache and from the teacher run
+    inside each step are the same targets, so the two students end with the same weights."""
+    from safetensors.numpy import load_file
+
+    from bonsai_mlx.core.errors import UserError
+    from experiments.shapes_kd import parse_arms
+
+    with pytest.raises(UserError, match="add ce"):
+        parse_arms("kd-online")
+    out = tmp_path / "kd"
+    assert main(["--quick", "--arms", "ce,kd-cache,kd-online", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in res["runs"]] == ["ce", "kd-cache", "kd-online"]
+    final = lambda arm: load_file(
+        str(out / f"{arm}-seed0" / "train" / "checkpoints" / "final" / "trainable.safetensors")
+    )  # noqa: E731
+    a, b = final("kd-cache"), final("kd-online")
+    assert a.keys() == b.keys() and any("lora" in k for k in a)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
+    assert (out / "kd-online-seed0" / "model" / "config.json").is_file()  # fused, then scored in MLX
+    assert (
+        "| seed | CE only | CE, then KD from the cache | CE, then KD, teacher online |"
+        in (out / "results.md").read_text()
+    )
