@@ -5,6 +5,11 @@ OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes MLX bind t
 (~30x faster GEMM). This must run before anything imports mlx.core, yet a process that never imports
 MLX (the PyTorch side) must not get a second BLAS: `install_hook` defers the preload to the moment
 `mlx.core` is first imported.
+
+MLX runs every op but the matmuls on its own thread, and OpenBLAS's idle threads spin (sched_yield) for a while
+after each matmul: on a small machine they take the core that thread needs. So, unless the user set
+OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one core fewer than the process may use (at least one).
+docs/benchmarks.md has the measurement.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def preload_openblas() -> str | None:
             except OSError:
                 continue
             loaded_path = path
+            _set_threads(path)
             return path
     print(
         "bonsai_mlx: OpenBLAS not found, so MLX's CPU matmuls run ~30x slower. "
@@ -49,6 +55,28 @@ def preload_openblas() -> str | None:
         file=sys.stderr,
     )
     return None
+
+
+def blas_threads() -> int | None:
+    """OpenBLAS's thread count for MLX: None when the user chose one (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS),
+    else one fewer than the cores this process may run on, at least one (see the module docstring)."""
+    if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def _set_threads(path: str) -> None:
+    n = blas_threads()
+    if n is None:
+        return
+    try:
+        ctypes.CDLL(path).openblas_set_num_threads(n)
+    except (OSError, AttributeError):  # another BLAS named like OpenBLAS: leave it as it is
+        pass
 
 
 class _PreloadBeforeMLX(MetaPathFinder):

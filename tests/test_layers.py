@@ -195,3 +195,26 @@ def test_openblas_is_preloaded_at_the_first_mlx_import_when_present():
 
     present = sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _CANDIDATES)
     assert (r.stdout.strip() != "None") == present, r.stdout
+
+
+def test_openblas_leaves_mlx_a_core_unless_the_user_chose_its_threads():
+    """MLX's own thread runs every op but the matmuls: OpenBLAS gets one core fewer (at least one), and an
+    OPENBLAS_NUM_THREADS the user set is kept."""
+    from bonsai_mlx._blas import _CANDIDATES
+
+    if not (sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _CANDIDATES)):
+        pytest.skip("no system OpenBLAS here")
+    code = (
+        "import ctypes, os\nfrom bonsai_mlx import _blas\nimport mlx.core\n"
+        "print(len(os.sched_getaffinity(0)), ctypes.CDLL(_blas.loaded_path).openblas_get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("BONSAI_NO_OPENBLAS", "OPENBLAS_NUM_THREADS")}
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cores, threads = map(int, r.stdout.split())
+    assert threads == max(1, cores - 1)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OPENBLAS_NUM_THREADS": "2"}, cwd=ROOT
+    )
+    assert r.stdout.split()[1] == "2", r.stderr[-2000:]
