@@ -71,12 +71,26 @@ def blas_threads() -> int | None:
 
 def _set_threads(path: str) -> None:
     n = blas_threads()
-    if n is None:
-        return
+    if n is not None:
+        set_threads(n)
+
+
+def set_threads(n: int) -> bool:
+    """Set the preloaded OpenBLAS's thread count (False when none is loaded or it is not OpenBLAS)."""
+    if loaded_path is None:
+        return False
     try:
-        ctypes.CDLL(path).openblas_set_num_threads(n)
+        ctypes.CDLL(loaded_path).openblas_set_num_threads(n)
     except (OSError, AttributeError):  # another BLAS named like OpenBLAS: leave it as it is
-        pass
+        return False
+    return True
+
+
+def get_threads() -> int | None:
+    try:
+        return int(ctypes.CDLL(loaded_path).openblas_get_num_threads()) if loaded_path else None
+    except (OSError, AttributeError):
+        return None
 
 
 class _PreloadBeforeMLX(MetaPathFinder):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def embedded_steps(steps: int, rounds: int, root: str | None = None) -> list[dic
     compiled in the same process, interleaved over `rounds` so that machine load hits both alike."""
     import mlx.core as mx
 
-    from bonsai_mlx import loading
+    from bonsai_mlx import _blas, loading
     from bonsai_mlx.core import synthetic
     from bonsai_mlx.core.processing import Processor
     from bonsai_mlx.core.records import Dataset, read_records
@@ -104,16 +105,28 @@ def embedded_steps(steps: int, rounds: int, root: str | None = None) -> list[dic
         batches = [next(tr.micro_batches(k)) for k in range(steps + 1)]
         tr.train_step([batches[0]])  # warm-up (and, compiled, the trace)
         trainers[compiled] = (tr, batches[1:])
-    times: dict[bool, list[float]] = {False: [], True: []}
+    # (name, compiled, OpenBLAS threads): the default's own choice (bonsai_mlx._blas), then every core for it
+    default_threads = _blas.get_threads()
+    variants = [("eager", False, default_threads), ("compiled", True, default_threads)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if default_threads is not None and cores != default_threads:
+        variants.append((f"compiled, OpenBLAS on all {cores} cores", True, cores))
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for _ in range(rounds):
-        for compiled, (tr, batches) in trainers.items():
+        for name, compiled, threads in variants:
+            if threads is not None:
+                _blas.set_threads(threads)
+            tr, batches = trainers[compiled]
             t = time.perf_counter()
             for b in batches:
                 tr.train_step([b])
-            times[compiled].append((time.perf_counter() - t) / len(batches))
+            times[name].append((time.perf_counter() - t) / len(batches))
+    if default_threads is not None:
+        _blas.set_threads(default_threads)
     rows = []
-    for compiled, ts in times.items():
-        rows.append({"step": "compiled" if compiled else "eager", "step_s": float(np.median(ts)), "rounds": ts})
+    for name, _, threads in variants:
+        ts = times[name]
+        rows.append({"step": name, "step_s": float(np.median(ts)), "rounds": ts, "blas_threads": threads})
     return rows
 
 
@@ -233,10 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = embedded_steps(a.steps, a.rounds)
         eager, comp = rows[0]["step_s"], rows[1]["step_s"]
         print("\nthe embedded default's step (batch 32, tiny Pico, stage full), median over rounds\n")
-        print("| step | s/step | rounds |\n|---|---|---|")
+        print("| step | OpenBLAS threads | s/step | rounds |\n|---|---|---|---|")
         for r in rows:
-            print(f"| {r['step']} | {r['step_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['rounds'])} |")
+            rounds = ", ".join(f"{x:.3f}" for x in r["rounds"])
+            print(f"| {r['step']} | {r['blas_threads'] or '-'} | {r['step_s']:.3f} | {rounds} |")
         print(f"\ncompiled / eager: {comp / eager:.2f}x the time")
+        if len(rows) > 2:
+            print(f"compiled, OpenBLAS on all cores / compiled: {rows[2]['step_s'] / comp:.2f}x the time")
         return 0
     if a.worker:
         import bonsai_mlx  # noqa: F401
