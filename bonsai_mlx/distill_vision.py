@@ -648,9 +648,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"held-out feature match at init: relative MSE {b['rel_mse']:.4f}, cosine {b['cosine']:.4f}")
         print(f"held-out feature match now:     relative MSE {a['rel_mse']:.4f}, cosine {a['cosine']:.4f}")
         print(f"wrote {cfg.out}")
+        healed = str(cfg.out).rstrip("/") + "-healed/"  # --out pico-v6/ -> pico-v6-healed/, not pico-v6/-healed
         print(
             f"heal it: python -m bonsai_mlx.train --model {cfg.out} --data TRAIN.json --stage align "
-            f"--max-steps 300 --out runs/heal && python -m bonsai_mlx.convert fuse {cfg.out} runs/heal {cfg.out}-healed"
+            f"--max-steps 300 --out runs/heal && python -m bonsai_mlx.convert fuse {cfg.out} runs/heal {healed}"
         )
     return 0
 

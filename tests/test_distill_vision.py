@@ -172,3 +172,11 @@ def test_a_student_deeper_than_the_feature_layer_is_refused_or_capped(pico_dir, 
     assert main([*args, "--out", str(tmp_path / "capped")]) == 0  # no --layers: as deep as the feature layer
     v = json.loads((tmp_path / "capped" / "config.json").read_text())["vision_config"]
     assert v["num_hidden_layers"] == 2
+
+
+def test_the_heal_hint_names_a_sibling_folder_when_out_ends_in_a_slash(pico_dir, images, tmp_path, capsys):
+    out = f"{tmp_path / 'pico-v1'}/"  # as the docs type it: --out pico-v6/
+    args = ["--teacher", str(pico_dir), "--images", str(images), "--out", out, "--layers", "1", "--steps", "0"]
+    assert main(args) == 0
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert hint.endswith(f"runs/heal {tmp_path / 'pico-v1'}-healed/"), hint

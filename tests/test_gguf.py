@@ -157,3 +157,17 @@ def test_q4_k_m_without_llama_cpp_says_how_to_get_it(pico_dir, tmp_path, capsys,
         convert(["to-gguf", str(pico_dir), str(tmp_path / "g"), "--type", "q4_k_m"])
     assert "llama.cpp's quantizer" in capsys.readouterr().err
     assert not list((tmp_path / "g").glob("*.gguf"))  # no half-written or temporary file left
+
+
+@pytest.mark.parametrize("module", [None, "shadow"], ids=["not-installed", "gguf-folder-in-cwd"])
+def test_to_gguf_without_the_gguf_package_says_how_to_get_it(module, tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    # None: `import gguf` fails; "shadow": what a gguf/ folder in the working directory imports as without it
+    monkeypatch.setitem(sys.modules, "gguf", module and types.ModuleType("gguf"))
+    with pytest.raises(SystemExit):
+        convert(["to-gguf", str(tmp_path / "pico"), str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert "pip install -e '.[gguf]'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "g").exists()

@@ -87,3 +87,9 @@ def test_missing_tensor_is_named(pico_dir, tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         loading.resolve(tmp_path / "nope")
+
+
+def test_missing_directory_with_a_trailing_slash_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "pico/" as the docs write it, before any pico/ exists
+    with pytest.raises(FileNotFoundError, match="pico/: no such model directory"):
+        loading.resolve("pico/")

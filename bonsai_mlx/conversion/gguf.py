@@ -239,12 +239,24 @@ def llama_quantize(src: Path, dst: Path, ftype: int = LLAMA_FTYPE_Q4_K_M, quanti
         raise CheckpointError(f"{src}: llama.cpp's quantizer failed")
 
 
+def _require_gguf() -> None:
+    """The `gguf` package, or one line saying how to get it. Without it, a folder named gguf/ in the working
+    directory (the docs' output folder) imports as an empty namespace package: checked by what it lacks."""
+    try:
+        import gguf
+    except ImportError:
+        gguf = None
+    if not hasattr(gguf, "GGUFWriter"):
+        raise UserError("to-gguf needs the gguf package: pip install -e '.[gguf]' (or '.[llama]')")
+
+
 def to_gguf(src: str | Path, out_dir: str | Path, kind: str = "f16", quantizer: str | None = None) -> str:
     """Write the LM GGUF and the mmproj GGUF of a Pico directory (float or MLX-quantized) into `out_dir`."""
     from bonsai_mlx.conversion.hf_mlx import read_float
 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r}: expected one of {', '.join(TYPES)}")
+    _require_gguf()
     d, config, w = read_float(src)
     if config.text.tie_word_embeddings:
         w.pop("language_model.lm_head.weight", None)

@@ -14,7 +14,9 @@ def resolve(path_or_id: str | Path) -> Path:
         if not p.is_dir():
             raise InputNotFound(f"{p}: is a file, expected a model directory")
         return p
-    if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
+    s = str(path_or_id)
+    # a hub id is exactly owner/name; "pico/" (a folder typed with its slash) is a local path that is missing
+    if s.startswith((".", "/", "~")) or s.count("/") != 1 or s.endswith("/"):
         raise InputNotFound(f"{path_or_id}: no such model directory")
     from huggingface_hub import snapshot_download
 
