@@ -534,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
                 base, a.llama_types.split(","), a.tokens, a.llama_python, raw=raw, threads=a.llama_threads
             )
         busy = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
+        from bonsai_mlx.core.config import PicoConfig
+
+        px = PicoConfig.load(base).vision.image_size if (Path(base) / "config.json").is_file() else "?"
         print(
-            f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one 224px image + text), "
+            f"\n{rows[0][1].get('prompt_tokens', '?')} prompt tokens (one {px}px image + text), "
             f"{a.tokens} forced new tokens, bandwidth bound at {a.bandwidth_gbs:g} GB/s{busy}\n"
         )
         print(table(rows, a.bandwidth_gbs))
