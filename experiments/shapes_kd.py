@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--arms",
         default=None,
-        help=f"comma list of student arms from {', '.join(ARMS)} (default: all; --quick: {','.join(QUICK_ARMS)})",
+        help=f"comma list of student arms from {', '.join([*ARMS, *KD_ARMS])} (default: {', '.join(ARMS)}; the kd "
+        f"arms on request, with ce; --quick: {','.join(QUICK_ARMS)})",
     )
 
     ap.add_argument("--quick", action="store_true", help="a minute-long smoke run (numbers mean nothing)")

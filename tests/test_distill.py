@@ -385,3 +385,15 @@ def test_kl_across_vocabularies_picks_a_cross_tokenizer_mode_and_says_which(pico
         train(_distill_args(pico_dir, cross_root, tmp_path / "r2", "--kl-mode", "same-vocab", "--max-steps", "2"))
     err = capsys.readouterr().err
     assert "--kl-mode same-vocab" in err and "do not share a vocabulary" in err
+
+
+def test_kl_without_logits_says_what_to_do_for_a_cache_and_for_the_online_teacher():
+    from types import SimpleNamespace
+
+    from bonsai_mlx.core.distill_targets import plan_logits
+    from bonsai_mlx.core.errors import UserError
+
+    with pytest.raises(UserError, match="re-extract it with --logits-topk K"):
+        plan_logits(SimpleNamespace(logits_topk=0, root="runs/cache"), None)
+    with pytest.raises(UserError, match="keeps no logits; add --logits-topk K$"):
+        plan_logits(SimpleNamespace(logits_topk=0, root="online teacher llava-hf/llava-1.5-7b-hf"), None)

@@ -160,6 +160,8 @@ def plan_logits(cache: CacheReader, student_tokenizer, requested: str = "auto", 
     """The logit loss for `--kl-mode requested` on this cache and student: refuses what cannot work (no logits in
     the cache; same-vocab ids across two vocabularies), and for `auto` picks one, saying why."""
     if not cache.logits_topk:
+        if str(cache.root).startswith("online teacher"):  # train_cuda.online_teacher: nothing was extracted
+            raise UserError(f"--kl: the {cache.root} keeps no logits; add --logits-topk K")
         raise UserError(f"--kl: {cache.root} holds no teacher logits; re-extract it with --logits-topk K")
     same = cache.manifest.get("teacher_vocab") == vocab_fingerprint(student_tokenizer)
     vocab = cache.teacher_tokens()
