@@ -6,10 +6,12 @@ OpenBLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes MLX bind t
 MLX (the PyTorch side) must not get a second BLAS: `install_hook` defers the preload to the moment
 `mlx.core` is first imported.
 
-MLX runs every op but the matmuls on its own thread, and OpenBLAS's idle threads spin (sched_yield) for a while
-after each matmul: on a small machine they take the core that thread needs. So, unless the user set
-OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one core fewer than the process may use (at least one).
-docs/benchmarks.md has the measurement.
+OpenBLAS's threads meet at a barrier inside every matmul, so when other processes hold the cores, one
+descheduled thread stalls them all: the embedded default's step ran 6.8x slower with 2 threads than with 1 on a
+2-core machine at load ~5, and 1.2x faster with 2 on the same machine quiet (docs/benchmarks.md). So, unless the
+user set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one thread per core that is free when MLX is first
+imported (at least one): the cores less the threads of other processes running at that moment (/proc/loadavg's
+running count, the median of a few looks; the 1-minute average would still count the install that ran before).
 """
 
 from __future__ import annotations
@@ -57,16 +59,39 @@ def preload_openblas() -> str | None:
     return None
 
 
-def blas_threads() -> int | None:
+def blas_threads(load: float | None = None) -> int | None:
     """OpenBLAS's thread count for MLX: None when the user chose one (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS),
-    else one fewer than the cores this process may run on, at least one (see the module docstring)."""
+    else the cores this process may run on less those the 1-minute load average shows busy, at least one."""
     if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    if load is None:
+        load = busy_now()
+    return max(1, cores - int(load))
+
+
+def busy_now(looks: int = 5, gap_s: float = 0.01) -> float:
+    """Threads of other processes running now: /proc/loadavg's running count less this thread, the median of a
+    few looks (else the 1-minute load average, else 0)."""
+    import time
+
+    seen = []
+    try:
+        for i in range(looks):
+            with open("/proc/loadavg") as f:
+                seen.append(int(f.read().split()[3].split("/")[0]) - 1)
+            if i + 1 < looks:
+                time.sleep(gap_s)
+        return float(sorted(seen)[len(seen) // 2])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _set_threads(path: str) -> None:

@@ -197,24 +197,29 @@ def test_openblas_is_preloaded_at_the_first_mlx_import_when_present():
     assert (r.stdout.strip() != "None") == present, r.stdout
 
 
-def test_openblas_leaves_mlx_a_core_unless_the_user_chose_its_threads():
-    """MLX's own thread runs every op but the matmuls: OpenBLAS gets one core fewer (at least one), and an
-    OPENBLAS_NUM_THREADS the user set is kept."""
-    from bonsai_mlx._blas import _CANDIDATES
+def test_openblas_threads_follow_the_free_cores_unless_the_user_chose(monkeypatch):
+    """OpenBLAS's threads wait for each other in every matmul: on busy cores it gets one thread per free core (at
+    least one); an OPENBLAS_NUM_THREADS the user set is kept."""
+    from bonsai_mlx import _blas
 
-    if not (sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _CANDIDATES)):
-        pytest.skip("no system OpenBLAS here")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert [_blas.blas_threads(load=x) for x in (0.3, 1.2, 5.0)] == [2, 1, 1]
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert _blas.blas_threads(load=5.0) is None
+    if not (
+        sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _blas._CANDIDATES)
+    ):
+        return
     code = (
-        "import ctypes, os\nfrom bonsai_mlx import _blas\nimport mlx.core\n"
-        "print(len(os.sched_getaffinity(0)), ctypes.CDLL(_blas.loaded_path).openblas_get_num_threads())"
+        "import ctypes\nfrom bonsai_mlx import _blas\n_blas.busy_now = lambda: {}\nimport mlx.core\n"
+        "print(ctypes.CDLL(_blas.loaded_path).openblas_get_num_threads())"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("BONSAI_NO_OPENBLAS", "OPENBLAS_NUM_THREADS")}
-    env.pop("OMP_NUM_THREADS", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    cores, threads = map(int, r.stdout.split())
-    assert threads == max(1, cores - 1)
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OPENBLAS_NUM_THREADS": "2"}, cwd=ROOT
-    )
-    assert r.stdout.split()[1] == "2", r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("BONSAI_NO_OPENBLAS", "OMP_NUM_THREADS")}
+    cores = len(os.sched_getaffinity(0))
+    for user, load, want in (("1", 0.0, 1), ("", 0.0, cores), ("", 9.0, 1)):
+        env["OPENBLAS_NUM_THREADS"] = user
+        r = subprocess.run([sys.executable, "-c", code.format(load)], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert int(r.stdout) == want, (user, load)
