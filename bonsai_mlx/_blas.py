@@ -10,8 +10,8 @@ OpenBLAS's threads meet at a barrier inside every matmul, so when other processe
 descheduled thread stalls them all: the embedded default's step ran 6.8x slower with 2 threads than with 1 on a
 2-core machine at load ~5, and 1.2x faster with 2 on the same machine quiet (docs/benchmarks.md). So, unless the
 user set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one thread per core that is free when MLX is first
-imported (at least one): the cores less the threads of other processes running at that moment (/proc/loadavg's
-running count, the median of a few looks; the 1-minute average would still count the install that ran before).
+imported (at least one): the cores less those other processes keep busy at that moment (the CPUs' busy share
+over a quarter of a second, /proc/stat; the 1-minute load average would still count the install that ran before).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def preload_openblas() -> str | None:
 
 def blas_threads(load: float | None = None) -> int | None:
     """OpenBLAS's thread count for MLX: None when the user chose one (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS),
-    else the cores this process may run on less those the 1-minute load average shows busy, at least one."""
+    else the cores this process may run on less those other processes keep busy (busy_now), at least one."""
     if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
@@ -70,22 +70,28 @@ def blas_threads(load: float | None = None) -> int | None:
         cores = os.cpu_count() or 1
     if load is None:
         load = busy_now()
-    return max(1, cores - int(load))
+    return max(1, cores - int(load + 0.5))
 
 
-def busy_now(looks: int = 5, gap_s: float = 0.01) -> float:
-    """Threads of other processes running now: /proc/loadavg's running count less this thread, the median of a
-    few looks (else the 1-minute load average, else 0)."""
+def _cpu_jiffies() -> tuple[int, int, int]:
+    """(busy, total) jiffies of all CPUs since boot, and the number of CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        lines = f.read().splitlines()
+    v = [int(x) for x in lines[0].split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v) - idle, sum(v), sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+
+
+def busy_now(window_s: float = 0.1) -> float:
+    """Cores that other processes keep busy now: the CPUs' busy share over `window_s` (this process sleeps
+    through it) times their number; else the 1-minute load average; else 0."""
     import time
 
-    seen = []
     try:
-        for i in range(looks):
-            with open("/proc/loadavg") as f:
-                seen.append(int(f.read().split()[3].split("/")[0]) - 1)
-            if i + 1 < looks:
-                time.sleep(gap_s)
-        return float(sorted(seen)[len(seen) // 2])
+        b0, t0, n = _cpu_jiffies()
+        time.sleep(window_s)
+        b1, t1, _ = _cpu_jiffies()
+        return n * (b1 - b0) / max(1, t1 - t0)
     except (OSError, ValueError, IndexError):
         pass
     try:
