@@ -11,7 +11,7 @@ descheduled thread stalls them all: the embedded default's step ran 6.8x slower 
 2-core machine at load ~5, and 1.2x faster with 2 on the same machine quiet (docs/benchmarks.md). So, unless the
 user set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one thread per core that is free when MLX is first
 imported (at least one): the cores less those other processes keep busy at that moment (the CPUs' busy share
-over a quarter of a second, /proc/stat; the 1-minute load average would still count the install that ran before).
+over a tenth of a second, /proc/stat; the 1-minute load average would still count the install that ran before).
 """
 
 from __future__ import annotations
@@ -100,10 +100,14 @@ def busy_now(window_s: float = 0.1) -> float:
         return 0.0
 
 
+chosen: int | None = None  # the thread count set at the preload (None: the user's, or OpenBLAS's own)
+
+
 def _set_threads(path: str) -> None:
+    global chosen
     n = blas_threads()
-    if n is not None:
-        set_threads(n)
+    if n is not None and set_threads(n):
+        chosen = n
 
 
 def set_threads(n: int) -> bool:
