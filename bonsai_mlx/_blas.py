@@ -64,13 +64,17 @@ def blas_threads(load: float | None = None) -> int | None:
     else the cores this process may run on less those other processes keep busy (busy_now), at least one."""
     if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
     if load is None:
         load = busy_now()
-    return max(1, cores - int(load + 0.5))
+    return max(1, cores() - int(load + 0.5))
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _cpu_jiffies() -> tuple[int, int, int]:

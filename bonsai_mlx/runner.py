@@ -76,7 +76,10 @@ def run(cfg: TrainConfig, resume: str | None = None, quick: bool = False) -> lis
 
         quantize_base(model, cfg.quantize_base)
     setup_trainable(model, cfg)
-    print(f"trainable parameters: {lora.trainable_count(model):,} ({cfg.stage})")
+    from bonsai_mlx import _blas
+
+    blas = f"; OpenBLAS on {_blas.chosen} of {_blas.cores()} cores" if _blas.chosen else ""
+    print(f"trainable parameters: {lora.trainable_count(model):,} ({cfg.stage}){blas}")
 
     train = Dataset.build(read_records(cfg.data), proc, cfg.image_root, cfg.max_length, cfg.on_bad_sample)
     print(f"train data: {train.summary()}")
