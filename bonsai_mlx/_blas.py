@@ -87,21 +87,29 @@ def _cpu_jiffies() -> tuple[int, int, int]:
 
 
 def busy_now(window_s: float = 0.1) -> float:
-    """Cores that other processes keep busy now: the CPUs' busy share over `window_s` (this process sleeps
-    through it) times their number; else the 1-minute load average; else 0."""
+    """Cores that other processes keep busy now: the CPUs' busy share over `window_s` times their number, less
+    what this process's own threads used meanwhile (an import may have started some); else the 1-minute load
+    average; else 0."""
     import time
 
     try:
         b0, t0, n = _cpu_jiffies()
+        own0, w0 = _own_cpu_s(), time.perf_counter()
         time.sleep(window_s)
         b1, t1, _ = _cpu_jiffies()
-        return n * (b1 - b0) / max(1, t1 - t0)
+        own = (_own_cpu_s() - own0) / max(1e-6, time.perf_counter() - w0)
+        return max(0.0, n * (b1 - b0) / max(1, t1 - t0) - own)
     except (OSError, ValueError, IndexError):
         pass
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 chosen: int | None = None  # the thread count set at the preload (None: the user's, or OpenBLAS's own)
