@@ -78,12 +78,22 @@ def cores() -> int:
 
 
 def _cpu_jiffies() -> tuple[int, int, int]:
-    """(busy, total) jiffies of all CPUs since boot, and the number of CPUs (/proc/stat)."""
+    """(busy, total) jiffies since boot summed over the CPUs this process may run on, and their number
+    (/proc/stat's cpuN lines; all CPUs where the affinity is unknown)."""
+    try:
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (AttributeError, OSError):
+        mine = None
+    busy = total = n = 0
     with open("/proc/stat") as f:
-        lines = f.read().splitlines()
-    v = [int(x) for x in lines[0].split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    return sum(v) - idle, sum(v), sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+        for line in f:
+            name, *vals = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit()) or (mine is not None and name not in mine):
+                continue
+            v = [int(x) for x in vals]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+            busy, total, n = busy + sum(v) - idle, total + sum(v), n + 1
+    return busy, total, n
 
 
 def busy_now(window_s: float = 0.1) -> float:
@@ -98,6 +108,8 @@ def busy_now(window_s: float = 0.1) -> float:
         time.sleep(window_s)
         b1, t1, _ = _cpu_jiffies()
         own = (_own_cpu_s() - own0) / max(1e-6, time.perf_counter() - w0)
+        if not n:
+            raise ValueError("no cpuN lines")
         return max(0.0, n * (b1 - b0) / max(1, t1 - t0) - own)
     except (OSError, ValueError, IndexError):
         pass
