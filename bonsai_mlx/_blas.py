@@ -64,9 +64,12 @@ def blas_threads(load: float | None = None) -> int | None:
     else the cores this process may run on less those other processes keep busy (busy_now), at least one."""
     if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
+    n = cores()
+    if n == 1:
+        return 1
     if load is None:
         load = busy_now()
-    return max(1, cores() - int(load + 0.5))
+    return max(1, n - int(load + 0.5))
 
 
 def cores() -> int:
@@ -90,7 +93,7 @@ def _cpu_jiffies() -> tuple[int, int, int]:
             name, *vals = line.split()
             if not (name.startswith("cpu") and name[3:].isdigit()) or (mine is not None and name not in mine):
                 continue
-            v = [int(x) for x in vals]
+            v = [int(x) for x in vals[:8]]  # guest and guest_nice are already inside user and nice
             idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
             busy, total, n = busy + sum(v) - idle, total + sum(v), n + 1
     return busy, total, n

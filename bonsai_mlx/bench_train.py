@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             from bonsai_mlx import _blas
 
             busy = _blas.busy_now()
-            print(f"(with {busy:g} other threads running now, a run would give OpenBLAS {_blas.blas_threads(busy)})")
+            n = _blas.blas_threads(busy) or "your"
+            print(f"(with {busy:.1f} cores busy elsewhere now, a run would give OpenBLAS {n} threads)")
         return 0
     if a.worker:
         import bonsai_mlx  # noqa: F401

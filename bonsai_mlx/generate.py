@@ -245,7 +245,7 @@ class ChatSession:
         return h, keep
 
     # The engine's hooks: _picker, _prefill, _first (the first token, computed), _step (feed one token, the next
-    # token on its way), _token (that token as an int), _peak_gb. Everything else is the engine-free turn logic.
+    # token on its way), _token (that token as an int), _reset_peak, _peak_gb. The rest is engine-free turn logic.
     def _picker(self, sampling: Sampling) -> Callable:
         return _token_picker(self.model, self.processor, sampling)
 

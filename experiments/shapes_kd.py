@@ -85,7 +85,8 @@ def parse_arms(spec: str) -> list[str]:
         raise UserError(f"--arms: unknown arm {bad[0] if bad else spec!r}; choose from {names}")
     if any(a in KD_ARMS for a in arms) and "ce" not in arms:
         raise UserError("--arms: the kd arms continue the CE student of each seed; add ce")
-    return list(dict.fromkeys(arms))
+    # the kd arms continue each seed's CE student, so they run after every other arm
+    return sorted(dict.fromkeys(arms), key=lambda a: a in KD_ARMS)
 
 
 def run(s: Setup) -> dict:

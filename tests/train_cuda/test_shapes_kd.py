@@ -49,6 +49,7 @@ def test_phase_two_arms_train_the_same_student_from_the_cache_and_online(tmp_pat
 
     with pytest.raises(UserError, match="add ce"):
         parse_arms("kd-online")
+    assert parse_arms("kd-cache,ce,feat") == ["ce", "feat", "kd-cache"]  # after the students they continue
     out = tmp_path / "kd"
     assert main(["--quick", "--arms", "ce,kd-cache,kd-online", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
