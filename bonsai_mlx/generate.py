@@ -426,7 +426,7 @@ class LlamaChatSession(ChatSession):
 
     @staticmethod
     def _reset_peak() -> None:
-        pass
+        """Nothing to reset: the process's peak resident memory (VmHWM) only grows."""
 
     @staticmethod
     def _peak_gb() -> float:
