@@ -27,7 +27,8 @@ from bonsai_mlx.model import Pico
 
 
 def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
-    """Freeze per stage: align = projector; instruct/distill = projector + LoRA; full = everything."""
+    """Freeze per stage: align = projector; instruct/distill = projector + LoRA; full = everything; the projector
+    stays frozen with --projector-lr 0."""
     if cfg.stage not in STAGES:
         raise UserError(f"--stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     if cfg.stage == "full":
@@ -40,6 +41,8 @@ def setup_trainable(model: Pico, cfg: TrainConfig) -> None:
         model.multi_modal_projector.unfreeze()
         if cfg.train_vision:
             model.vision_tower.unfreeze()
+    if not cfg.projector_trains:
+        model.multi_modal_projector.freeze()
     # Trainable weights (and so AdamW's state) live in fp32 whatever the frozen dtype: pure fp16 + AdamW diverges.
     fp32 = [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.trainable_parameters()) if v.dtype != mx.float32]
     if fp32:

@@ -42,11 +42,12 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bonsai_mlx.core.cli import add_options, from_args
 from bonsai_mlx.core.errors import UserError
+from bonsai_mlx.core.train_config import TrainConfig
 from experiments.fit import fit
 from experiments.steps import Steps, say
 
@@ -93,6 +94,10 @@ class Setup:
     # the adapters and the projector, before per-component rates: 36.8%)
     instruct_lr: float = 5e-4
     lora_rank: int = 16
+    # stage-(e) variants to run from the one aligned model (ARMS); the first is the recipe's (e)
+    arms: str = "instruct"
+    # seeds to run, each under --out/seed-N, then the mean and spread of every row (--seed is ignored)
+    seeds: str | None = None
     eval_batch: int = 32
     eval_max_tokens: int = 32  # a caption is ~25 tokens
     # PyTorch threads for (a) and (b). 1: on the shared 2-core machine a 2-thread step of (a) took 16 s against
@@ -423,6 +428,45 @@ def _train_config(run_dir: Path, **opts) -> Path:
 COMMON = dict(group_by_length=False, save_every=0, eval_every=0, log_every=20, lora_dropout=0.0, max_length=128)
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One stage-(e) variant, trained from the aligned model with (e)'s steps and batch."""
+
+    label: str
+    trains: str
+    data: str  # under data/: questions.json, or all.json (captions + questions)
+    opts: dict
+
+
+ARMS: dict[str, Arm] = {
+    "instruct": Arm(
+        "(e)+(f) after QLoRA instruct, fused (float)", "projector + LoRA on the 4-bit LM", "questions.json", {}
+    ),
+    # LLaVA-1.5's stage 2 (LLaVA-665k) keeps descriptions among its instructions
+    "mix": Arm("(e') QLoRA instruct on questions + the captions of (d)", "projector + LoRA", "all.json", {}),
+    # where the alignment goes: freeze each component in turn
+    "lora-only": Arm("(e') QLoRA instruct, projector frozen", "LoRA", "questions.json", {"projector_lr": 0}),
+    "projector-only": Arm(
+        "(e') projector only on questions, at (e)'s projector rate", "projector", "questions.json", {"stage": "align"}
+    ),
+}
+
+
+def arm_names(s: Setup) -> list[str]:
+    names = [a.strip() for a in s.arms.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARMS]
+    if bad or not names:
+        raise UserError(
+            f"--arms: unknown arm {bad[0] if bad else s.arms!r}; expected a comma list of {', '.join(ARMS)}"
+        )
+    return names
+
+
+def arm_stage(arm: str) -> str:
+    """The arm's name in stages, folders and evals: the recipe's own (e) keeps the plain names."""
+    return "instruct" if arm == "instruct" else f"instruct-{arm}"
+
+
 def _evaluate(r: Recipe, model: str, name: str, log: Path) -> dict:
     d = r.out / "eval" / name
     d.mkdir(parents=True, exist_ok=True)
@@ -439,6 +483,8 @@ def check_setup(path: Path, s: Setup) -> None:
         return
     old = json.loads(path.read_text())
     for k, v in asdict(s).items():
+        if k in ("out", "arms", "seeds"):  # where it lives, and stages added beside the finished ones
+            continue
         if k in old and old[k] != v:
             raise UserError(
                 f"{path.parent}: made with --{k.replace('_', '-')} {old[k]}, not {v}; "
@@ -447,8 +493,33 @@ def check_setup(path: Path, s: Setup) -> None:
 
 
 def run(s: Setup) -> dict:
+    arm_names(s)  # bad --arms / --seeds stop here, before any stage runs
+    if s.seeds:
+        return run_seeds(s)
     with Steps(s.out, "recipe", state="stages.json", noun="stage", worker=True) as steps:
         return _run(Recipe(s, steps))
+
+
+def seed_list(s: Setup) -> list[int]:
+    try:
+        seeds = [int(x) for x in (s.seeds or "").split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--seeds: expected a comma list of integers, got {s.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds: expected distinct integers, got {s.seeds!r}")
+    return seeds
+
+
+def run_seeds(s: Setup) -> dict:
+    """Each seed's recipe under --out/seed-N (finished stages skipped, so seeds run apart can be joined here),
+    then every row's mean and spread: results.md / results.json under --out."""
+    from bonsai_mlx.core.io import atomic_write_text
+
+    per = [run(replace(s, seed=k, seeds=None, out=str(Path(s.out) / f"seed-{k}"))) for k in seed_list(s)]
+    agg = across_seeds(per)
+    atomic_write_text(Path(s.out) / "results.json", json.dumps(agg, indent=2))
+    atomic_write_text(Path(s.out) / "results.md", seeds_report(agg))
+    return agg
 
 
 def _run(r: Recipe) -> dict:
@@ -502,38 +573,49 @@ def _run(r: Recipe) -> dict:
     r.stage("align", ["align", "pico-aligned"], align)
     r.stage("eval-aligned", ["eval/aligned"], lambda log: _evaluate(r, "pico-aligned", "aligned", log))
 
-    def instruct(log: Path) -> dict:
+    def instruct(arm: str, log: Path) -> dict:
+        a, name = ARMS[arm], arm_stage(arm)
+        if a.opts.get("stage") == "align":  # the projector alone, at the rate it has in (e)
+            opts: dict = {
+                "stage": "align",
+                "lr": TrainConfig(stage="instruct", lr=s.instruct_lr).component_lrs()["projector"],
+            }
+        else:
+            opts = {"stage": "instruct", "quantize_base": 4, "lora_rank": s.lora_rank, "lora_alpha": 2.0 * s.lora_rank}
+            opts.update(lr=s.instruct_lr, **a.opts)
         cfg = _train_config(
-            out / "instruct",
+            out / name,
             **COMMON,
             model=str(out / "pico-aligned"),
-            data=str(data / "questions.json"),
+            data=str(data / a.data),
             image_root=img,
-            stage="instruct",
-            quantize_base=4,
-            lora_rank=s.lora_rank,
-            lora_alpha=2.0 * s.lora_rank,
+            **opts,
             max_steps=s.instruct_steps,
             batch_size=b,
-            lr=s.instruct_lr,
             warmup=max(1, s.instruct_steps // 20),
-            out=str(out / "instruct"),
+            out=str(out / name),
             seed=s.seed,
         )
         r.cli(log, "bonsai_mlx.train", "--config", str(cfg))
         return {}
 
-    r.stage("instruct", ["instruct"], instruct)
-
-    def fuse(log: Path) -> dict:
-        final = str(out / "instruct" / "checkpoints" / "final")
-        r.cli(log, CONVERT, "fuse", str(out / "pico-aligned"), final, str(out / "pico-instruct"))
-        r.cli(log, CONVERT, "to-mlx", str(out / "pico-instruct"), str(out / "pico-4bit"), "--quantize", "4")
+    def fuse(arm: str, log: Path) -> dict:
+        name = arm_stage(arm)
+        final = str(out / name / "checkpoints" / "final")
+        r.cli(log, CONVERT, "fuse", str(out / "pico-aligned"), final, str(out / f"pico-{name}"))
+        if arm == "instruct":
+            r.cli(log, CONVERT, "to-mlx", str(out / "pico-instruct"), str(out / "pico-4bit"), "--quantize", "4")
         return {}
 
-    r.stage("fuse", ["pico-instruct", "pico-4bit"], fuse)
-    r.stage("eval-instruct", ["eval/instruct"], lambda log: _evaluate(r, "pico-instruct", "instruct", log))
-    r.stage("eval-4bit", ["eval/4bit"], lambda log: _evaluate(r, "pico-4bit", "4bit", log))
+    for arm in arm_names(s):
+        name = arm_stage(arm)
+        fused = f"pico-{name}"
+        r.stage(name, [name], lambda log, arm=arm: instruct(arm, log))
+        fuse_name = "fuse" if arm == "instruct" else f"fuse-{arm}"
+        r.stage(fuse_name, [fused, *(["pico-4bit"] if arm == "instruct" else [])], lambda log, arm=arm: fuse(arm, log))
+        r.stage(f"eval-{name}", [f"eval/{name}"], lambda log, f=fused, n=name: _evaluate(r, f, n, log))
+        if arm == "instruct":
+            r.stage("eval-4bit", ["eval/4bit"], lambda log: _evaluate(r, "pico-4bit", "4bit", log))
 
     def scratch_full(log: Path) -> dict:
         import yaml
@@ -557,13 +639,20 @@ def _run(r: Recipe) -> dict:
 
 # ---- the report -------------------------------------------------------------------------------------------
 
-ROWS = (  # (eval name, stage label, what trained, which stages' wall time)
-    ("assembled", "(c) assembled: pretrained SigLIP + pretrained LM, random projector", "-", ("assemble",)),
-    ("aligned", "(d) after align (projector only, captions)", "projector", ("align",)),
-    ("instruct", "(e)+(f) after QLoRA instruct, fused (float)", "projector + LoRA on the 4-bit LM", ("instruct",)),
-    ("4bit", "(f) fused, `to-mlx --quantize 4`", "-", ("fuse",)),
-    ("scratch-full", "baseline: `--stage full` from scratch", "everything", ("scratch-full",)),
-)
+
+def rows_of(s: Setup) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """(eval name, stage label, what trained, which stages' wall time), in table order."""
+    rows = [
+        ("assembled", "(c) assembled: pretrained SigLIP + pretrained LM, random projector", "-", ("assemble",)),
+        ("aligned", "(d) after align (projector only, captions)", "projector", ("align",)),
+    ]
+    for arm in arm_names(s):
+        name = arm_stage(arm)
+        rows.append((name, ARMS[arm].label, ARMS[arm].trains, (name,)))
+        if arm == "instruct":
+            rows.append(("4bit", "(f) fused, `to-mlx --quantize 4`", "-", ("fuse",)))
+    rows.append(("scratch-full", "baseline: `--stage full` from scratch", "everything", ("scratch-full",)))
+    return rows
 
 
 def summarize(r: Recipe) -> dict:
@@ -571,8 +660,9 @@ def summarize(r: Recipe) -> dict:
     types = st["data"]["eval_types"]
     qtypes = sorted(t for t in types if t != CAPTION)
     rows = []
-    steps = {"aligned": s.align_steps, "instruct": s.instruct_steps, "scratch-full": s.align_steps + s.instruct_steps}
-    for name, label, trains, walls in ROWS:
+    steps = {"aligned": s.align_steps, "scratch-full": s.align_steps + s.instruct_steps}
+    steps.update({arm_stage(a): s.instruct_steps for a in arm_names(s)})
+    for name, label, trains, walls in rows_of(s):
         ev = json.loads((r.out / "eval" / name / "preds.summary.json").read_text())
         by = ev.get("vqa_by_type", {})
         n_q = sum(types[t] for t in qtypes)
@@ -655,6 +745,67 @@ def report(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def across_seeds(per: list[dict]) -> dict:
+    """The rows of several seeds' summaries: each number's per-seed values, mean and sample sd. A row's caption
+    perplexity is also given relative to (d)'s of the same seed (the issue's "after (e) <= 1.2 x after (d)")."""
+    rows = []
+    for i, row in enumerate(per[0]["rows"]):
+        same = [p["rows"][i] for p in per]
+        aligned = [next(r for r in p["rows"] if r["eval"] == "aligned") for p in per]
+
+        def stat(xs: list[float]) -> dict:
+            m, sd = _mean_sd(xs)
+            return {"values": xs, "mean": m, "sd": sd}
+
+        ppl = [r["caption_ppl"] for r in same]
+        rows.append(
+            {
+                **{k: row[k] for k in ("eval", "stage", "trains", "steps", "batch")},
+                "seconds": stat([r["seconds"] for r in same]),
+                "questions": stat([r["questions"] for r in same]),
+                "by_type": {t: stat([r["by_type"][t] for r in same]) for t in row["by_type"]},
+                "caption_ppl": None if None in ppl else stat(ppl),
+                "ppl_vs_aligned": None
+                if None in ppl
+                else stat([x / a["caption_ppl"] for x, a in zip(ppl, aligned, strict=True)]),
+            }
+        )
+    return {"seeds": [p["setup"]["seed"] for p in per], "setup": per[0]["setup"], "rows": rows}
+
+
+def seeds_report(agg: dict) -> str:
+    rows, seeds = agg["rows"], agg["seeds"]
+    qtypes = sorted(rows[0]["by_type"])
+    lines = [
+        f"# The two-stage recipe in miniature, {len(seeds)} seeds ({', '.join(map(str, seeds))})",
+        "",
+        "Mean over seeds (± sample sd); each seed draws its own data, pretrains its own parts and trains its own "
+        'runs. Caption perplexity: per token of the held-out reference captions; "vs (d)" divides each seed\'s by '
+        "its aligned model's.",
+        "",
+        f"| stage | trains | questions | per seed | {' | '.join(qtypes)} | caption ppl | vs (d) |",
+        "|---|---|---|---|" + "---|" * len(qtypes) + "---|---|",
+    ]
+    for row in rows:
+        q, ppl, rel = row["questions"], row["caption_ppl"], row["ppl_vs_aligned"]
+        cells = [
+            row["stage"],
+            row["trains"],
+            f"**{q['mean']:.1%}** ± {q['sd']:.1%}",
+            " / ".join(f"{v:.1%}" for v in q["values"]),
+            *(f"{row['by_type'][t]['mean']:.1%}" for t in qtypes),
+            "-" if ppl is None else f"{ppl['mean']:.2f}",
+            "-" if rel is None else f"{rel['mean']:.2f}x",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m experiments.recipe",
@@ -675,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     with friendly("recipe"):
         t = time.perf_counter()
         summary = run(s)
-    print(report(summary))
+    print(seeds_report(summary) if s.seeds else report(summary))
     print(f"results: {Path(s.out) / 'results.md'}, {Path(s.out) / 'results.json'} ({time.perf_counter() - t:.0f} s)")
     return 0
 

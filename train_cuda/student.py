@@ -28,9 +28,11 @@ def load_student(
     targets=TARGETS,
     grad_checkpoint: bool = True,
     bf16: bool | None = None,
+    train_projector: bool = True,
 ):
     """(peft model, notes). CUDA: LM in NF4 + double quant, bf16 frozen weights, FA2 if installed, else SDPA.
-    CPU: float32 (or bf16 frozen weights with `bf16=True`, no NF4: bitsandbytes needs a GPU)."""
+    CPU: float32 (or bf16 frozen weights with `bf16=True`, no NF4: bitsandbytes needs a GPU). `train_projector=False`:
+    the projector stays frozen (--projector-lr 0)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
@@ -64,7 +66,7 @@ def load_student(
         if not p.is_floating_point() or p.dtype == torch.uint8:
             raise TypeError(f"multi_modal_projector.{n} is {p.dtype}: it was quantised (see precision.SKIP_NF4)")
         p.data = p.data.float()
-        p.requires_grad_(True)
+        p.requires_grad_(train_projector)
     return model, notes
 
 

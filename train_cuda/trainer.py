@@ -120,6 +120,7 @@ def train(cfg: TrainConfig, distill: bool, resume: bool = False) -> dict:
         targets,
         grad_checkpoint=cfg.checkpointing(cuda),
         bf16=bf16,
+        train_projector=cfg.projector_trains,
     )
     acc.print("student: " + "; ".join(notes))
     if distill:

@@ -54,7 +54,7 @@ class TrainConfig:
     projector_lr: float | None = opt(
         None,
         f"projector learning rate (default: --lr, or {PROJECTOR_LR_RATIO} x --lr when LoRA adapters train, "
-        "LLaVA-1.5's ratio)",
+        "LLaVA-1.5's ratio); 0 freezes the projector (LoRA only)",
     )
     vision_lr: float | None = opt(None, "vision tower learning rate when it trains (default: --lr)")
     warmup: int = opt(20, "linear warmup steps, then cosine decay")
@@ -115,8 +115,11 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "projector_lr", "vision_lr"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+            if v is not None and not (v > 0 or (name == "projector_lr" and v == 0)):
+                more = " (0 freezes it)" if name == "projector_lr" else ""
+                raise UserError(f"--{name.replace('_', '-')} must be > 0{more}, got {v}")
+        if self.stage == "align" and not self.projector_trains:
+            raise UserError("--projector-lr 0 with --stage align leaves nothing to train")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be >= 1, got {self.max_steps}")
 
@@ -131,6 +134,11 @@ class TrainConfig:
     @property
     def adapters_train(self) -> bool:
         return self.stage in ("instruct", "distill")
+
+    @property
+    def projector_trains(self) -> bool:
+        """False with --projector-lr 0: the projector stays as loaded (TinyLLaVA's frozen connector)."""
+        return self.projector_lr != 0
 
     def component_lrs(self) -> dict[str, float]:
         """Peak learning rate per trainable component: "projector", "vision", "lm" (LoRA or weights; also the

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.recipe import ROWS, main
+from experiments.recipe import Setup, main, rows_of
 from experiments.worker import run_one
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -28,8 +28,9 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration, Qwen2ForCausalLM, SiglipModel
 
-    out = tmp_path / "recipe"
+    out = tmp_path / "recipe" / "seed-0"  # where --seeds 0,... finds it below
     assert main(["--quick", "--out", str(out)]) == 0
+    ROWS = rows_of(Setup())
     res = json.loads((out / "results.json").read_text())
     assert [r["eval"] for r in res["rows"]] == [name for name, *_ in ROWS]
     assert sorted(res["rows"][0]["by_type"]) == ["colour", "count", "position", "shape", "yesno"]
@@ -75,6 +76,35 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     with pytest.raises(SystemExit) as e:
         main(["--quick", "--out", str(out), "--lm-steps", "5"])
     assert e.value.code == 2 and "made with --lm-steps 3, not 5" in capsys.readouterr().err
+
+    # more (e) arms beside the finished stages, and a second seed: every seed's rows, their mean
+    arms = "instruct,mix,lora-only,projector-only"
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--out", str(out.parent), "--seeds", "0,1", "--arms", "instruct,nope"])
+    assert e.value.code == 2 and "--arms: unknown arm 'nope'" in capsys.readouterr().err
+    assert main(["--quick", "--out", str(out.parent), "--seeds", "0,1", "--arms", arms]) == 0
+    said = capsys.readouterr().out
+    assert "lm: done already" in said and "instruct: done already" in said and "instruct-mix: running" in said
+    lora_only = _strict(LlavaForConditionalGeneration, out / "pico-instruct-lora-only")
+    proj_only = _strict(LlavaForConditionalGeneration, out / "pico-instruct-projector-only")
+    p1 = "multi_modal_projector.linear_1.weight"
+    assert torch.equal(_param(lora_only, p1), _param(aligned, p1))  # frozen projector, trained adapters
+    assert not torch.equal(_param(lora_only, "layers.0.self_attn.q_proj.weight", "language_model"), q0)
+    assert not torch.equal(_param(proj_only, p1), _param(aligned, p1))  # the other way round
+    assert torch.equal(_param(proj_only, "layers.0.self_attn.q_proj.weight", "language_model"), q0)
+    assert (out / "instruct-mix" / "train.yaml").read_text().count("all.json") == 1  # captions + questions
+    agg = json.loads((out.parent / "results.json").read_text())
+    per = [json.loads((out.parent / f"seed-{k}" / "results.json").read_text()) for k in (0, 1)]
+    assert agg["seeds"] == [0, 1] and [r["eval"] for r in agg["rows"]] == [r["eval"] for r in per[1]["rows"]]
+    assert [r["eval"] for r in agg["rows"]][2:7] == [
+        "instruct", "4bit", "instruct-mix", "instruct-lora-only", "instruct-projector-only",
+    ]  # fmt: skip
+    for i, row in enumerate(agg["rows"]):
+        assert row["questions"]["values"] == [p["rows"][i]["questions"] for p in per]
+        assert row["questions"]["mean"] == pytest.approx(sum(row["questions"]["values"]) / 2)
+    aligned_row = next(r for r in agg["rows"] if r["eval"] == "aligned")
+    assert aligned_row["ppl_vs_aligned"]["values"] == [1.0, 1.0]
+    assert "2 seeds (0, 1)" in (out.parent / "results.md").read_text()
 
     # a stage that did not finish (not in stages.json) runs again, alone
     state = json.loads((out / "stages.json").read_text())
