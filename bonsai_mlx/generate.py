@@ -255,6 +255,15 @@ class ChatSession:
         mx.eval(y)
         return y
 
+    # MLX computes the next step asynchronously while a chunk is yielded; a synchronous engine steps after it
+    _step_ahead = True
+
+    def _advance(self, tok: int, pick: Callable):
+        """Feed `tok` to the cache: the next step's output (see _token)."""
+        y = self._step(tok, pick)
+        self.cached_ids.append(tok)
+        return y
+
     def _step(self, tok: int, pick: Callable):
         h, _ = self.model.run_layers(self.model.embed(mx.array([[tok]])), self.cache)
         y = pick(h)
@@ -276,7 +285,8 @@ class ChatSession:
     def _decode(
         self, y, pick: Callable, sampling: Sampling, out: list[int], detok: StreamingDetokenizer
     ) -> Generator[Chunk, None, tuple[str, int]]:
-        """Sample until a stop token, max_tokens or stop(); the next step is on its way while a chunk is yielded.
+        """Sample until a stop token, max_tokens or stop(); with `_step_ahead` the next step is on its way while a
+        chunk is yielded.
 
         Fills `out` with the answer's tokens and `detok` with their text; returns (finish reason, tokens shown)."""
         proc = self.processor
@@ -288,9 +298,9 @@ class ChatSession:
                 return "stop", n_shown
             out.append(tok)
             more = len(out) < sampling.max_tokens
-            if more and not self.stop_requested:
-                y_next = self._step(tok, pick)
-                self.cached_ids.append(tok)
+            y_next = None
+            if more and self._step_ahead and not self.stop_requested:
+                y_next = self._advance(tok, pick)
             if tok not in special:  # as decode(skip_special_tokens=True)
                 detok.add_token(tok)
             seg = detok.last_segment
@@ -300,7 +310,7 @@ class ChatSession:
             if self.stop_requested:
                 return "stopped", n_shown
             if more:
-                y = y_next
+                y = y_next if y_next is not None else self._advance(tok, pick)
         return "length", n_shown
 
     def _record(self, prompt_text: str, conv: list[Message], ids: list[int], out: list[int], detok) -> None:
@@ -416,6 +426,8 @@ class LlamaChatSession(ChatSession):
     @staticmethod
     def _first(pick: Callable, logits) -> int:
         return pick(logits)
+
+    _step_ahead = False  # llama.cpp decodes synchronously: show the chunk first, then step
 
     def _step(self, tok: int, pick: Callable) -> int:
         return pick(self.model.step(tok, len(self.cached_ids)))

@@ -10,10 +10,10 @@ import torch
 from helpers import write_describe_data
 
 from bonsai_mlx import loading
+from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.processing import Processor
 from bonsai_mlx.core.records import Dataset, read_records
 from bonsai_mlx.core.runs import lr_factor
-from bonsai_mlx.core.errors import UserError
 from bonsai_mlx.core.train_config import TrainConfig
 from bonsai_mlx.trainer import Trainer, setup_trainable
 

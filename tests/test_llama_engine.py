@@ -118,6 +118,21 @@ def test_stop_ends_the_answer_and_keeps_what_was_shown(tiny):
     assert st.cached_tokens > 0
 
 
+def test_each_chunk_is_shown_before_llama_cpp_decodes_the_next_token(tiny, monkeypatch):
+    """llama.cpp steps synchronously: a chunk that waited for the next decode would reach the user a step late."""
+    model, proc = tiny
+    steps = []
+    real = type(model).step
+    monkeypatch.setattr(model, "step", lambda tok, pos: steps.append(pos) or real(model, tok, pos))
+    s, shown, at = _session(model, proc), 0, []
+    for c in s.ask("describe the image.", image(5), Sampling(max_tokens=6, ignore_stop=True)):
+        if c.stats is None:
+            shown += len(c.tokens)
+            at.append((shown, len(steps)))  # tokens shown so far, decode steps run when this chunk arrived
+    # a chunk arrives before its last token is fed to the model (the first token came from the prefill)
+    assert at and all(n_steps == n_shown - 1 for n_shown, n_steps in at) and len(steps) == 5
+
+
 def test_sampling_settings_are_applied_and_a_seed_repeats(tiny):
     model, proc = tiny
     hot = Sampling(max_tokens=12, temperature=1.5, top_p=0.95, seed=7, ignore_stop=True)
