@@ -430,25 +430,30 @@ COMMON = dict(group_by_length=False, save_every=0, eval_every=0, log_every=20, l
 
 @dataclass(frozen=True)
 class Arm:
-    """One stage-(e) variant, trained from the aligned model with (e)'s steps and batch."""
+    """One stage-(e) variant, trained from the aligned model with (e)'s steps and batch. Rates are multiples of
+    --instruct-lr: the adapters' `lr`, the projector's `projector` (None: TrainConfig's LLaVA ratio, 0: frozen).
+    `adapters=False` trains the projector alone (`--stage align`, no LoRA)."""
 
     label: str
     trains: str
-    data: str  # under data/: questions.json, or all.json (captions + questions)
-    opts: dict
+    data: str = "questions.json"  # under data/; all.json is captions + questions
+    lr: float = 1.0
+    projector: float | None = None
+    adapters: bool = True
 
 
 ARMS: dict[str, Arm] = {
-    "instruct": Arm(
-        "(e)+(f) after QLoRA instruct, fused (float)", "projector + LoRA on the 4-bit LM", "questions.json", {}
-    ),
+    "instruct": Arm("(e)+(f) after QLoRA instruct, fused (float)", "projector + LoRA on the 4-bit LM"),
     # LLaVA-1.5's stage 2 (LLaVA-665k) keeps descriptions among its instructions
-    "mix": Arm("(e') QLoRA instruct on questions + the captions of (d)", "projector + LoRA", "all.json", {}),
-    # where the alignment goes: freeze each component in turn
-    "lora-only": Arm("(e') QLoRA instruct, projector frozen", "LoRA", "questions.json", {"projector_lr": 0}),
-    "projector-only": Arm(
-        "(e') projector only on questions, at (e)'s projector rate", "projector", "questions.json", {"stage": "align"}
+    "mix": Arm("(e') QLoRA instruct on questions + the captions of (d)", "projector + LoRA", data="all.json"),
+    "mix-projector-1x": Arm(
+        "(e') as mix, the projector at the adapters' rate", "projector + LoRA", data="all.json", projector=1.0
     ),
+    # LLaVA-1.5's LoRA rate, 2e-4 with the default --instruct-lr
+    "low-lr": Arm("(e') QLoRA instruct at 0.4x the rate", "projector + LoRA", lr=0.4),
+    # where the alignment goes: freeze each component in turn
+    "lora-only": Arm("(e') QLoRA instruct, projector frozen", "LoRA", projector=0.0),
+    "projector-only": Arm("(e') projector only on questions, at (e)'s projector rate", "projector", adapters=False),
 }
 
 
@@ -575,14 +580,13 @@ def _run(r: Recipe) -> dict:
 
     def instruct(arm: str, log: Path) -> dict:
         a, name = ARMS[arm], arm_stage(arm)
-        if a.opts.get("stage") == "align":  # the projector alone, at the rate it has in (e)
-            opts: dict = {
-                "stage": "align",
-                "lr": TrainConfig(stage="instruct", lr=s.instruct_lr).component_lrs()["projector"],
-            }
+        lr = s.instruct_lr * a.lr
+        proj = None if a.projector is None else s.instruct_lr * a.projector
+        if not a.adapters:  # the projector alone, at the rate it has in (e)
+            opts: dict = {"stage": "align", "lr": TrainConfig(stage="instruct", lr=lr).component_lrs()["projector"]}
         else:
             opts = {"stage": "instruct", "quantize_base": 4, "lora_rank": s.lora_rank, "lora_alpha": 2.0 * s.lora_rank}
-            opts.update(lr=s.instruct_lr, **a.opts)
+            opts.update(lr=lr, **({} if proj is None else {"projector_lr": proj}))
         cfg = _train_config(
             out / name,
             **COMMON,

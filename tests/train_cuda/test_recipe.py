@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.recipe import Setup, main, rows_of
+from experiments.recipe import ARMS, Setup, main, rows_of
 from experiments.worker import run_one
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -78,7 +78,7 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     assert e.value.code == 2 and "made with --lm-steps 3, not 5" in capsys.readouterr().err
 
     # more (e) arms beside the finished stages, and a second seed: every seed's rows, their mean
-    arms = "instruct,mix,lora-only,projector-only"
+    arms = ",".join(ARMS)
     with pytest.raises(SystemExit) as e:
         main(["--quick", "--out", str(out.parent), "--seeds", "0,1", "--arms", "instruct,nope"])
     assert e.value.code == 2 and "--arms: unknown arm 'nope'" in capsys.readouterr().err
@@ -96,9 +96,10 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     agg = json.loads((out.parent / "results.json").read_text())
     per = [json.loads((out.parent / f"seed-{k}" / "results.json").read_text()) for k in (0, 1)]
     assert agg["seeds"] == [0, 1] and [r["eval"] for r in agg["rows"]] == [r["eval"] for r in per[1]["rows"]]
-    assert [r["eval"] for r in agg["rows"]][2:7] == [
-        "instruct", "4bit", "instruct-mix", "instruct-lora-only", "instruct-projector-only",
-    ]  # fmt: skip
+    assert [r["eval"] for r in agg["rows"]][2:5] == ["instruct", "4bit", "instruct-mix"]
+    assert len(agg["rows"]) == 2 + len(ARMS) + 1 + 1  # (c), (d), the arms, 4-bit, the baseline
+    yaml1x = (out / "instruct-mix-projector-1x" / "train.yaml").read_text()
+    assert "projector_lr: 0.0005" in yaml1x and "lr: 0.0005" in yaml1x
     for i, row in enumerate(agg["rows"]):
         assert row["questions"]["values"] == [p["rows"][i]["questions"] for p in per]
         assert row["questions"]["mean"] == pytest.approx(sum(row["questions"]["values"]) / 2)
