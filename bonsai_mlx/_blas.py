@@ -10,7 +10,8 @@ OpenBLAS's threads meet at a barrier inside every matmul, so when other processe
 descheduled thread stalls them all: the embedded default's step ran 6.8x slower with 2 threads than with 1 on a
 2-core machine at load ~5, and 1.2x faster with 2 on the same machine quiet (docs/benchmarks.md). So, unless the
 user set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS, OpenBLAS gets one thread per core that is free when MLX is first
-imported (at least one): the cores less those other processes keep busy at that moment (the CPUs' busy share
+imported (at least one): the cores (its affinity, capped by a cgroup CPU quota) less those other processes keep
+busy at that moment (the CPUs' busy share
 over a tenth of a second, /proc/stat; the 1-minute load average would still count the install that ran before).
 """
 
@@ -73,11 +74,40 @@ def blas_threads(load: float | None = None) -> int | None:
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's --cpus)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = quota_cores()
+    return max(1, min(n, quota)) if quota is not None else n
+
+
+CGROUP = "/sys/fs/cgroup"
+
+
+def quota_cores(root: str | None = None) -> int | None:
+    """The cgroup CPU quota in cores, rounded up (cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`,
+    at the cgroup root a container sees), or None when there is none or it cannot be read."""
+    import math
+
+    root = CGROUP if root is None else root
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+                quota = f.read().strip()
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+                period = f.read().strip()
+        except OSError:
+            return None
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max": no quota
+        return None
+    return math.ceil(q / p) if q > 0 and p > 0 else None
 
 
 def _cpu_jiffies() -> tuple[int, int, int]:

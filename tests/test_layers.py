@@ -197,7 +197,7 @@ def test_openblas_is_preloaded_at_the_first_mlx_import_when_present():
     assert (r.stdout.strip() != "None") == present, r.stdout
 
 
-def test_openblas_threads_follow_the_free_cores_unless_the_user_chose(monkeypatch):
+def test_openblas_threads_follow_the_free_cores_unless_the_user_chose(monkeypatch, tmp_path):
     """OpenBLAS's threads wait for each other in every matmul: on busy cores it gets one thread per free core (at
     least one); an OPENBLAS_NUM_THREADS the user set is kept."""
     from bonsai_mlx import _blas
@@ -208,6 +208,22 @@ def test_openblas_threads_follow_the_free_cores_unless_the_user_chose(monkeypatc
     assert [_blas.blas_threads(load=x) for x in (0.3, 1.2, 5.0)] == [2, 1, 1]
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     assert _blas.blas_threads(load=5.0) is None
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    # a container's CPU quota caps the cores (cgroup v2 cpu.max, v1 cfs quota / period)
+    cg = Path(tmp_path)
+    monkeypatch.setattr(_blas, "CGROUP", str(cg))
+    assert _blas.quota_cores() is None and _blas.cores() == 2
+    (cg / "cpu").mkdir()
+    (cg / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (cg / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert _blas.quota_cores() is None
+    (cg / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert _blas.quota_cores() == 1 and _blas.blas_threads(load=0.0) == 1
+    (cg / "cpu.max").write_text("max 100000\n")
+    assert _blas.quota_cores() is None and _blas.blas_threads(load=0.0) == 2
+    (cg / "cpu.max").write_text("150000 100000\n")
+    assert _blas.quota_cores() == 2 and _blas.cores() == 2
+    monkeypatch.setattr(_blas, "CGROUP", "/sys/fs/cgroup")
     if not (
         sys.platform == "linux" and any(Path(c.format(arch=os.uname().machine)).exists() for c in _blas._CANDIDATES)
     ):
@@ -217,7 +233,7 @@ def test_openblas_threads_follow_the_free_cores_unless_the_user_chose(monkeypatc
         "print(ctypes.CDLL(_blas.loaded_path).openblas_get_num_threads())"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("BONSAI_NO_OPENBLAS", "OMP_NUM_THREADS")}
-    cores = len(os.sched_getaffinity(0))
+    cores = _blas.cores()
     for user, load, want in (("1", 0.0, 1), ("", 0.0, cores), ("", 9.0, 1)):
         env["OPENBLAS_NUM_THREADS"] = user
         r = subprocess.run([sys.executable, "-c", code.format(load)], capture_output=True, text=True, env=env, cwd=ROOT)
