@@ -111,7 +111,11 @@ def run(s: Setup) -> dict:
     size = str(DEFAULT_DATA["image_size"])
     steps.run("student-init", "bonsai_mlx.embedded", "init", str(init), "--image-size", size, clear=[init])
     logits = any(ARMS[a][1] for a in s.arms if a in ARMS)
-    steps.step("extract", lambda log: extract(s, teacher, small, images, init, cache, logits))
+    made = cache / "manifest.json"
+    if logits and "extract" in steps.state and made.is_file() and not json.loads(made.read_text()).get("logits"):
+        steps.say("extract: the cache holds no teacher logits and a logit arm needs them: extracting again")
+        del steps.state["extract"]
+    steps.step("extract", lambda log: extract(s, teacher, small, images, init, cache, logits), clear=[cache])
     rows = []
     for seed in s.seeds:
         for arm in s.arms:

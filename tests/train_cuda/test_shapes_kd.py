@@ -10,7 +10,11 @@ from experiments.shapes_kd import main
 
 def test_shapes_kd_quick_runs_end_to_end_and_reports(tmp_path, capsys):
     out = tmp_path / "kd"
-    assert main(["--quick", "--out", str(out)]) == 0
+    assert main(["--quick", "--out", str(out), "--arms", "ce"]) == 0  # a cache without logits
+    assert "logits" not in json.loads((out / "cache" / "manifest.json").read_text())
+    capsys.readouterr()
+    assert main(["--quick", "--out", str(out)]) == 0  # a logit arm added: the cache is extracted again, with them
+    assert "extracting again" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     assert 0.0 <= res["teacher"] <= 1.0
     # the quick arms: CE only and hidden states + the shared-vocab logit loss (the cross-tokenizer path end to end)
