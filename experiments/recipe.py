@@ -436,7 +436,8 @@ class Arm:
 
     label: str
     trains: str
-    data: str = "questions.json"  # under data/; all.json is captions + questions
+    data: str = "questions.json"  # under data/; all.json is captions + questions (a third captions)
+    captions: float = 0.0  # > 0: the questions and this share of caption records instead (mix_data)
     lr: float = 1.0
     projector: float | None = None
     adapters: bool = True
@@ -449,12 +450,29 @@ ARMS: dict[str, Arm] = {
     "mix-projector-1x": Arm(
         "(e') as mix, the projector at the adapters' rate", "projector + LoRA", data="all.json", projector=1.0
     ),
+    "mix-10": Arm("(e') QLoRA instruct, 10% of its records captions", "projector + LoRA", captions=0.1),
+    "mix-20": Arm("(e') QLoRA instruct, 20% of its records captions", "projector + LoRA", captions=0.2),
     # LLaVA-1.5's LoRA rate, 2e-4 with the default --instruct-lr
     "low-lr": Arm("(e') QLoRA instruct at 0.4x the rate", "projector + LoRA", lr=0.4),
     # where the alignment goes: freeze each component in turn
     "lora-only": Arm("(e') QLoRA instruct, projector frozen", "LoRA", projector=0.0),
     "projector-only": Arm("(e') projector only on questions, at (e)'s projector rate", "projector", adapters=False),
 }
+
+
+def mix_data(data: Path, share: float) -> Path:
+    """All the questions and the first captions of (d)'s data, so that captions are `share` of the records
+    (LLaVA-665k keeps a small share of descriptions among its instructions): data/mix-<percent>.json."""
+    from bonsai_mlx.core.io import atomic_write_text
+
+    path = data / f"mix-{round(share * 100)}.json"
+    if not path.is_file():
+        questions, captions = _read(data / "questions.json"), _read(data / "captions.json")
+        k = round(len(questions) * share / (1 - share))
+        if k > len(captions):
+            raise UserError(f"{share:.0%} captions needs {k} caption records; (d) has {len(captions)}")
+        atomic_write_text(path, json.dumps(questions + captions[:k], indent=1))
+    return path
 
 
 def arm_names(s: Setup) -> list[str]:
@@ -591,7 +609,7 @@ def _run(r: Recipe) -> dict:
             out / name,
             **COMMON,
             model=str(out / "pico-aligned"),
-            data=str(data / a.data),
+            data=str(mix_data(data, a.captions) if a.captions else data / a.data),
             image_root=img,
             **opts,
             max_steps=s.instruct_steps,

@@ -98,6 +98,8 @@ def test_recipe_quick_end_to_end_resumes_and_names_a_failing_stage(tmp_path, cap
     assert agg["seeds"] == [0, 1] and [r["eval"] for r in agg["rows"]] == [r["eval"] for r in per[1]["rows"]]
     assert [r["eval"] for r in agg["rows"]][2:5] == ["instruct", "4bit", "instruct-mix"]
     assert len(agg["rows"]) == 2 + len(ARMS) + 1 + 1  # (c), (d), the arms, 4-bit, the baseline
+    mix20 = json.loads((out / "data" / "mix-20.json").read_text())
+    assert sum(r["type"] == "caption" for r in mix20) / len(mix20) == pytest.approx(0.2, abs=0.02)
     yaml1x = (out / "instruct-mix-projector-1x" / "train.yaml").read_text()
     assert "projector_lr: 0.0005" in yaml1x and "lr: 0.0005" in yaml1x
     for i, row in enumerate(agg["rows"]):
